@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Build the pinned llama.cpp (vendored in the llama-cpp-python sdist) once and cache it.
+# Cache key = sdist version + hash of our patches + cmake flags, so a changed patch or flag rebuilds.
+# Usage: tools/build_llama.sh [stock|patched]   -> prints the install prefix on the last line.
+set -euo pipefail
+VERSION=0.3.36
+FLAVOUR=${1:-stock}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+CACHE=${QREALIGN_CACHE:-$HOME/.cache/qrealign-gguf}
+PY=${PYTHON:-python3}
+TARGETS="llama llama-completion llama-perplexity llama-quantize llama-imatrix llama-bench llama-tokenize"
+FLAGS="-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_CUDA=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DBUILD_SHARED_LIBS=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF"
+
+patches=""
+if [ "$FLAVOUR" = patched ]; then patches=$(ls "$ROOT"/native/llama_patches/*.patch 2>/dev/null || true); fi
+key=$( { echo "$VERSION $FLAVOUR $FLAGS $TARGETS"; for p in $patches; do cat "$p"; done; } | sha256sum | cut -c1-16)
+prefix="$CACHE/llama.cpp/$VERSION-$FLAVOUR-$key"
+if [ -x "$prefix/bin/llama-completion" ] && [ -f "$prefix/.complete" ]; then echo "$prefix"; exit 0; fi
+
+mkdir -p "$CACHE/sdist" "$CACHE/llama.cpp"
+sdist="$CACHE/sdist/llama_cpp_python-$VERSION.tar.gz"
+if [ ! -f "$sdist" ]; then
+  echo "downloading llama-cpp-python==$VERSION sdist (vendored llama.cpp source)" >&2
+  "$PY" -m pip download --quiet --no-deps --no-binary :all: -d "$CACHE/sdist" "llama-cpp-python==$VERSION" >&2
+fi
+src="$CACHE/src/$VERSION-$FLAVOUR-$key"
+rm -rf "$src"; mkdir -p "$src"
+tar xzf "$sdist" -C "$src" --strip-components=1
+lsrc="$src/vendor/llama.cpp"
+for p in $patches; do patch -d "$lsrc" -p1 --quiet < "$p"; done
+
+launcher=""
+command -v ccache >/dev/null && launcher="-DCMAKE_C_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_COMPILER_LAUNCHER=ccache"
+# A fixed build dir keeps ccache hits across source-dir changes (ccache hashes relative paths with base_dir).
+export CCACHE_BASEDIR="$src" CCACHE_NOHASHDIR=1
+build="$src/build"
+echo "building llama.cpp $VERSION ($FLAVOUR) -> $prefix (first time ~13 min on 2 cores)" >&2
+cmake -S "$lsrc" -B "$build" $FLAGS $launcher -DCMAKE_INSTALL_PREFIX="$prefix" -DCMAKE_BUILD_RPATH='$ORIGIN/../lib;$ORIGIN' >&2
+cmake --build "$build" -j"$(nproc)" --target $TARGETS >&2
+rm -rf "$prefix"; mkdir -p "$prefix/bin" "$prefix/lib"
+for t in $TARGETS; do [ -f "$build/bin/$t" ] && cp "$build/bin/$t" "$prefix/bin/"; done
+find "$build" -name '*.so*' -exec cp -P {} "$prefix/lib/" \;
+cp -r "$lsrc/gguf-py" "$prefix/gguf-py"
+cp "$lsrc/convert_hf_to_gguf.py" "$prefix/"; cp -r "$lsrc/conversion" "$prefix/" 2>/dev/null || true
+cp -r "$lsrc/ggml/include" "$prefix/include"; cp "$lsrc/include/llama.h" "$prefix/include/"
+# rpath for the copied binaries
+cp -r "$src/llama_cpp" "$prefix/python_llama_cpp"  # pure-python binding; uses LLAMA_CPP_LIB_PATH
+touch "$prefix/.complete"
+rm -rf "$src"
+echo "$prefix"
