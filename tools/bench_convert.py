@@ -1,0 +1,108 @@
+"""Whole-model conversion: qrealign-gguf vs upstream convert_hf_to_gguf.py + llama-quantize (same sdist).
+
+For each output type: wall time and peak RSS of both pipelines (each step a separate process, RSS from
+wait4's rusage), then perplexity and KL divergence of both files on the same benign text with the pinned
+llama-perplexity, against the upstream F16 conversion's logits.
+
+    .venv/bin/python tools/bench_convert.py --model qwen05 --types Q8_0 Q4_K_M [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fetch_model import fetch_hf  # noqa: E402
+
+from qrealign_gguf.llama_runtime import find_llama  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of one child process."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t0
+    err = p.stderr.read() if p.stderr else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])} failed:\n{err[-3000:]}")
+    return wall, ru.ru_maxrss / 1024
+
+
+def benign_text(path: Path) -> Path:
+    """Benign prose for perplexity: the alpaca dev + calibration prompts (no labels, no harmful text)."""
+    rows = []
+    for f in ("dev_benign.jsonl", "calib_benign.jsonl"):
+        rows += [json.loads(line)["prompt"] for line in (SHARED / f).read_text().splitlines() if line.strip()]
+    path.write_text("\n\n".join(rows))
+    return path
+
+
+def perplexity(llama, model: Path, text: Path, base: Path, ctx: int) -> dict[str, float]:
+    r = subprocess.run([str(llama.bin("llama-perplexity")), "-m", str(model), "-f", str(text), "-c", str(ctx),
+                        "--kl-divergence-base", str(base), "--kl-divergence", "-t", str(os.cpu_count())],
+                       env=llama.env(), capture_output=True, text=True)
+    out = r.stdout + r.stderr
+    if r.returncode != 0:
+        raise RuntimeError(out[-3000:])
+    ppl = re.search(r"Mean PPL\(Q\)\s*:\s*([\d.]+)", out)
+    kld = re.search(r"Mean\s+KLD:\s*([\d.eE+-]+)", out)
+    return {"ppl": float(ppl.group(1)) if ppl else float("nan"), "kld": float(kld.group(1)) if kld else float("nan")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="qwen05")
+    ap.add_argument("--types", nargs="+", default=["Q8_0", "Q4_K_M"])
+    ap.add_argument("--ctx", type=int, default=256)
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    llama = find_llama()
+    hf = fetch_hf(a.model)
+    py = sys.executable
+    up_env = dict(llama.env(), PYTHONPATH=str(llama.prefix / "gguf-py"))
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(dir=os.environ.get("QREALIGN_BENCH_TMP")) as tmp:
+        t = Path(tmp)
+        text = benign_text(t / "benign.txt")
+        up_f16 = t / "up-f16.gguf"
+        conv = run([py, str(llama.prefix / "convert_hf_to_gguf.py"), str(hf), "--outtype", "f16", "--outfile", str(up_f16)], up_env)
+        base = t / "base.kld"
+        subprocess.run([str(llama.bin("llama-perplexity")), "-m", str(up_f16), "-f", str(text), "-c", str(a.ctx),
+                        "--kl-divergence-base", str(base), "-t", str(os.cpu_count())],
+                       env=llama.env(), check=True, capture_output=True)
+        for qt in a.types:
+            up = t / f"up-{qt}.gguf"
+            quant = run([str(llama.bin("llama-quantize")), str(up_f16), str(up), qt], llama.env())
+            ours = t / f"ours-{qt}.gguf"
+            mine = run([str(ROOT / ".venv" / "bin" / "qrealign-gguf"), "convert", str(hf), "-o", str(ours), "--outtype", qt])
+            results[qt] = {
+                "upstream": {"wall_s": conv[0] + quant[0], "convert_s": conv[0], "quantize_s": quant[0],
+                             "peak_rss_mib": max(conv[1], quant[1]), "bytes": up.stat().st_size,
+                             **perplexity(llama, up, text, base, a.ctx)},
+                "ours": {"wall_s": mine[0], "peak_rss_mib": mine[1], "bytes": ours.stat().st_size,
+                         **perplexity(llama, ours, text, base, a.ctx)},
+            }
+            r = results[qt]
+            r["wall_ratio"] = r["ours"]["wall_s"] / r["upstream"]["wall_s"]
+            r["rss_ratio"] = r["ours"]["peak_rss_mib"] / r["upstream"]["peak_rss_mib"]
+            print(f"{qt}: ours {r['ours']['wall_s']:.1f}s {r['ours']['peak_rss_mib']:.0f}MiB ppl {r['ours']['ppl']:.4f} "
+                  f"kld {r['ours']['kld']:.5f} | upstream {r['upstream']['wall_s']:.1f}s "
+                  f"({conv[0]:.1f}+{quant[0]:.1f}) {r['upstream']['peak_rss_mib']:.0f}MiB ppl {r['upstream']['ppl']:.4f} "
+                  f"kld {r['upstream']['kld']:.5f} | wall x{r['wall_ratio']:.2f} rss x{r['rss_ratio']:.2f}", flush=True)
+    if a.json:
+        a.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
