@@ -24,6 +24,11 @@ def _t(t: QType | str) -> QType:
     return _lookup(t) if isinstance(t, str) else t
 
 
+def _check_cols(t: QType, cols: int) -> None:
+    if cols <= 0 or cols % t.block_size:
+        raise ValueError(f"{t.name}: row length {cols} is not a multiple of the block size {t.block_size}")
+
+
 def _check(rc: int, what: str) -> None:
     if rc != 0:
         raise ValueError(f"{what}: {_ERRORS.get(rc, f'error {rc}')}")
@@ -57,6 +62,7 @@ def quantize(x: np.ndarray, t: QType | str, imatrix: np.ndarray | None = None, t
 def dequantize(data: np.ndarray, t: QType | str, cols: int, threads: int = 0) -> np.ndarray:
     """Decode packed rows back to float32 (rows, cols), exactly as ggml's dequantize_row_*."""
     t = _t(t)
+    _check_cols(t, cols)
     data = np.ascontiguousarray(data, dtype=np.uint8)
     rows = data.size // t.row_bytes(cols)
     out = np.empty((rows, cols), dtype=np.float32)
@@ -96,6 +102,7 @@ def pack(t: QType | str, p: BlockParams) -> np.ndarray:
 def unpack(data: np.ndarray, t: QType | str, cols: int) -> BlockParams:
     """Read the codes and scales back out of packed rows."""
     t = _t(t)
+    _check_cols(t, cols)
     data = np.ascontiguousarray(data, dtype=np.uint8)
     rows, nb = data.size // t.row_bytes(cols), cols // t.block_size
     p = BlockParams(q=np.empty((rows, cols), np.uint8), d=np.empty((rows, nb), np.float16),
