@@ -1,0 +1,93 @@
+"""Prompts -> token ids with the chat template, and per-layer last-token states of an HF decoder."""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from ..prompts import Prompt
+
+
+def chat_ids(tok, text: str, max_tokens: int = 256) -> list[int]:  # noqa: ANN001 - HF tokenizer
+    """The prompt as the model sees it at inference: user turn + generation prompt (the assistant header).
+    The last of these ids is the "last prompt token" whose state decides refusal vs compliance."""
+    if getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+    else:
+        ids = tok(text)["input_ids"]
+    ids = list(ids)
+    return ids[-max_tokens:]  # keep the end: the generation prompt must stay last
+
+
+def template_fingerprint(tok) -> str:  # noqa: ANN001
+    src = (getattr(tok, "chat_template", None) or "") + "|" + str(len(tok))
+    return hashlib.sha256(src.encode()).hexdigest()[:16]
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:  # noqa: ANN001 - HF causal LM
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: no decoder layer list found")
+    return layers
+
+
+@torch.inference_mode()
+def last_token_states(model, tok, prompts: list[Prompt], max_tokens: int = 256,  # noqa: ANN001
+                      progress=None) -> torch.Tensor:  # noqa: ANN001
+    """(n_prompts, n_layers, hidden): every decoder layer's OUTPUT (pre final norm) at the last prompt token."""
+    layers = decoder_layers(model)
+    grabbed: list[torch.Tensor] = [torch.empty(0)] * len(layers)
+
+    def hook(i: int):  # noqa: ANN202
+        def fn(_m, _inp, out):  # noqa: ANN001, ANN202
+            h = out[0] if isinstance(out, tuple) else out
+            grabbed[i] = h[0, -1].float().cpu()
+        return fn
+
+    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    device = next(model.parameters()).device
+    rows = []
+    try:
+        for n, p in enumerate(prompts):
+            ids = chat_ids(tok, p.text, max_tokens)
+            model(torch.tensor([ids], device=device), use_cache=False)
+            rows.append(torch.stack(grabbed))
+            if progress:
+                progress(n + 1, len(prompts))
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.stack(rows)
+
+
+def model_signature(model_dir) -> dict[str, str]:  # noqa: ANN001 - str | Path
+    """What must agree between the aligned model (probes) and the fine-tuned model being realigned:
+    architecture, geometry and tokenizer. Weights differ by design, so they are not part of it."""
+    from ..hf_model import HFModel
+
+    m = HFModel(model_dir)
+    tok_hash = hashlib.sha256()
+    for name in ("tokenizer.json", "tokenizer.model"):
+        f = m.file(name)
+        if f is not None:
+            tok_hash.update(f.read_bytes())
+    return {
+        "architecture": m.architecture,
+        "hidden_size": str(m.cfg("hidden_size")),
+        "num_hidden_layers": str(m.cfg("num_hidden_layers")),
+        "vocab_size": str(m.cfg("vocab_size")),
+        "tokenizer_sha256": tok_hash.hexdigest()[:16],
+    }
+
+
+def check_compatible(expected: dict[str, str], actual: dict[str, str], what: str, where: str) -> None:
+    """One clear error naming the first field that differs."""
+    from ..errors import InputError
+
+    for key in ("architecture", "hidden_size", "num_hidden_layers", "vocab_size", "tokenizer_sha256"):
+        if key in expected and expected[key] != actual.get(key):
+            raise InputError(f"{what} does not match {where}: {key} is {expected[key]} there, {actual.get(key)} here; "
+                             "use an aligned model (or probes) of the same base model")

@@ -1,0 +1,151 @@
+"""Per-layer linear safety probes, fit on the ALIGNED model (Q-realign step 1).
+
+For each decoder layer l, a logistic regression on the layer's output at the last prompt token separates
+harmful (label 1) from benign (label 0) prompts. Features are standardized with the training mean/std and
+exactly the same affine map is applied at use time (score = ((h - mean) / std) . w + b, > 0 means "harmful
+side", the side from which the aligned model refuses). Layers whose held-out accuracy is below a threshold
+are kept in the file but marked unreliable, and calibration ignores them.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import InputError
+
+FORMAT = "qrealign-probes-v1"
+
+
+@dataclass
+class ProbeSet:
+    mean: torch.Tensor  # (L, H)
+    std: torch.Tensor  # (L, H)
+    w: torch.Tensor  # (L, H)
+    b: torch.Tensor  # (L,)
+    train_acc: torch.Tensor  # (L,)
+    heldout_acc: torch.Tensor  # (L,)
+    reliable: list[int]  # layer indices used for calibration
+    meta: dict[str, str] = field(default_factory=dict)  # architecture, hidden, layers, template, model hash
+
+    @property
+    def n_layers(self) -> int:
+        return self.w.shape[0]
+
+    @property
+    def hidden(self) -> int:
+        return self.w.shape[1]
+
+    def score(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """Probe logit(s) for states h (..., H); differentiable in h."""
+        dev, dt = h.device, h.dtype
+        z = (h - self.mean[layer].to(dev, dt)) / self.std[layer].to(dev, dt)
+        return z @ self.w[layer].to(dev, dt) + self.b[layer].to(dev, dt)
+
+    def save(self, path: str | Path) -> None:
+        tensors = {"mean": self.mean, "std": self.std, "w": self.w, "b": self.b, "train_acc": self.train_acc,
+                   "heldout_acc": self.heldout_acc}
+        meta = {"format": FORMAT, "reliable": json.dumps(self.reliable), **self.meta}
+        save_file({k: v.contiguous().float() for k, v in tensors.items()}, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ProbeSet:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"probe file {path} does not exist; create it with `qrealign-gguf probe`")
+        try:
+            from safetensors import safe_open
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+            t = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
+            raise InputError(f"{path} is not a probe file ({e})") from None
+        if meta.pop("format", None) != FORMAT:
+            raise InputError(f"{path} is not a qrealign probe file (format key missing)")
+        reliable = json.loads(meta.pop("reliable", "[]"))
+        return cls(t["mean"], t["std"], t["w"], t["b"], t["train_acc"], t["heldout_acc"], reliable, meta)
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-2, iters: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    """Regularized logistic regression on already-standardized features (full-batch L-BFGS)."""
+    n, d = x.shape
+    w = torch.zeros(d, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    x64, y64 = x.double(), y.double()
+    opt = torch.optim.LBFGS([w, b], max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x64 @ w + b, y64) + l2 * (w * w).sum() / 2
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach().float(), b.detach().float()
+
+
+def split(y: torch.Tensor, heldout: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stratified train / held-out index split."""
+    g = torch.Generator().manual_seed(seed)
+    tr, te = [], []
+    for cls in (0, 1):
+        idx = torch.nonzero(y == cls).flatten()
+        idx = idx[torch.randperm(idx.numel(), generator=g)]
+        k = max(1, int(round(idx.numel() * heldout)))
+        te.append(idx[:k])
+        tr.append(idx[k:])
+    return torch.cat(tr), torch.cat(te)
+
+
+def fit_probes(states: torch.Tensor, labels: torch.Tensor, heldout: float = 0.2, min_acc: float = 0.9,
+               l2: float = 1e-2, seed: int = 0, meta: dict[str, str] | None = None) -> ProbeSet:
+    """states (N, L, H), labels (N,) in {0,1} -> one probe per layer, with held-out accuracy."""
+    if labels.unique().numel() != 2:
+        raise InputError("probe fitting needs both harmful (label 1) and benign (label 0) prompts")
+    n, n_layers, h = states.shape
+    tr, te = split(labels, heldout, seed)
+    mean = torch.empty(n_layers, h)
+    std = torch.empty(n_layers, h)
+    w = torch.empty(n_layers, h)
+    b = torch.empty(n_layers)
+    tr_acc = torch.empty(n_layers)
+    te_acc = torch.empty(n_layers)
+    for layer in range(n_layers):
+        x = states[:, layer].float()
+        mean[layer] = x[tr].mean(0)
+        std[layer] = x[tr].std(0).clamp_min(1e-6)
+        z = (x - mean[layer]) / std[layer]
+        w[layer], b[layer] = fit_logistic(z[tr], labels[tr], l2=l2)
+        pred = (z @ w[layer] + b[layer]) > 0
+        tr_acc[layer] = (pred[tr] == labels[tr].bool()).float().mean()
+        te_acc[layer] = (pred[te] == labels[te].bool()).float().mean()
+    reliable = [i for i in range(n_layers) if te_acc[i] >= min_acc]
+    return ProbeSet(mean, std, w, b, tr_acc, te_acc, reliable, dict(meta or {}))
+
+
+def probe_model(model_dir: str | Path, harmful: str | Path, benign: str | Path, n_per_class: int = 256,
+                min_acc: float = 0.9, seed: int = 0, console=None) -> ProbeSet:  # noqa: ANN001
+    """Load the aligned model, collect last-token states for both prompt sets, fit and return the probes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..prompts import load_prompts
+    from .hidden import last_token_states, model_signature, template_fingerprint
+
+    harm = load_prompts(harmful, limit=n_per_class)
+    ben = load_prompts(benign, limit=n_per_class)
+    sig = model_signature(model_dir)  # validates the directory before the slow load
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+
+    def tick(i: int, n: int) -> None:
+        if console and i % 32 == 0:
+            console.print(f"probe states: {i}/{n}", highlight=False)
+
+    states = last_token_states(model, tok, harm + ben, progress=tick)
+    labels = torch.tensor([1] * len(harm) + [0] * len(ben))
+    meta = {**sig, "template": template_fingerprint(tok), "source": Path(model_dir).name,
+            "n_harmful": str(len(harm)), "n_benign": str(len(ben)), "min_acc": str(min_acc)}
+    return fit_probes(states, labels, min_acc=min_acc, seed=seed, meta=meta)

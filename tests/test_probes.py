@@ -1,0 +1,63 @@
+"""Probe fitting on synthetic activations: separable -> accurate; noise -> unreliable; save/load identical."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qrealign_gguf.errors import InputError
+from qrealign_gguf.realign.probes import ProbeSet, fit_probes
+
+
+def _synthetic(n=200, layers=3, hidden=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.cat([torch.ones(n // 2), torch.zeros(n // 2)]).long()
+    x = torch.randn(n, layers, hidden, generator=g) * 3 + 5  # offset + scale: standardization must handle it
+    direction = torch.randn(hidden, generator=g)
+    x[:, 1] += (y.float() * 2 - 1)[:, None] * direction * 2  # layer 1: linearly separable
+    return x, y
+
+
+def test_separable_layer_is_found_and_noise_is_not():
+    x, y = _synthetic()
+    p = fit_probes(x, y, min_acc=0.9)
+    assert p.heldout_acc[1] >= 0.95
+    assert p.heldout_acc[0] < 0.8 and p.heldout_acc[2] < 0.8  # pure noise layers
+    assert p.reliable == [1]
+    harmful_side = p.score(1, x[y == 1, 1])
+    assert (harmful_side > 0).float().mean() > 0.95
+
+
+def test_score_is_differentiable():
+    x, y = _synthetic()
+    p = fit_probes(x, y)
+    h = x[:4, 1].clone().requires_grad_(True)
+    p.score(1, h).sum().backward()
+    assert h.grad is not None and torch.isfinite(h.grad).all() and h.grad.abs().sum() > 0
+
+
+def test_save_load_identical(tmp_path):
+    x, y = _synthetic()
+    p = fit_probes(x, y, meta={"architecture": "LlamaForCausalLM", "hidden_size": "16"})
+    f = tmp_path / "probes.safetensors"
+    p.save(f)
+    q = ProbeSet.load(f)
+    for k in ("mean", "std", "w", "b", "train_acc", "heldout_acc"):
+        assert torch.equal(getattr(p, k), getattr(q, k)), k
+    assert q.reliable == p.reliable and q.meta == p.meta
+    assert torch.equal(p.score(1, x[:, 1]), q.score(1, x[:, 1]))
+
+
+def test_single_class_is_an_error():
+    x, y = _synthetic()
+    with pytest.raises(InputError, match="both harmful"):
+        fit_probes(x[y == 1], y[y == 1])
+
+
+def test_not_a_probe_file(tmp_path):
+    from safetensors.torch import save_file
+    f = tmp_path / "x.safetensors"
+    save_file({"a": torch.zeros(2)}, str(f))
+    with pytest.raises(InputError, match="not a qrealign probe file"):
+        ProbeSet.load(f)
+    with pytest.raises(InputError, match="does not exist"):
+        ProbeSet.load(tmp_path / "missing.safetensors")
