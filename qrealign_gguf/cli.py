@@ -17,7 +17,7 @@ from .errors import InputError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Convert fine-tuned Hugging Face models to GGUF, realigning safety while quantizing.")
 err = Console(stderr=True)
-out = Console()
+out = Console(soft_wrap=True)
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -83,7 +83,7 @@ def convert(
             opts.importance = compute_importance(plan.family, calib, calib_samples, save_imatrix, console=err)
             opts.extra_provenance["imatrix"] = f"computed from {calib.name} ({calib_samples} prompts)"
         with Progress(TextColumn("{task.description:<40}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                      console=err, transient=False) as bar:
+                      console=err, transient=True) as bar:
             task = bar.add_task("starting", total=plan.total_bytes)
 
             def tick(name: str, i: int, n: int, done: int, total: int) -> None:
