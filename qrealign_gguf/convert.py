@@ -45,6 +45,7 @@ class ConvertOptions:
     threads: int = 0
     force: bool = False
     extra_provenance: dict[str, Any] = field(default_factory=dict)  # qrealign.* keys from callers
+    packed: dict[str, np.ndarray] | None = None  # pre-encoded GGUF bytes per tensor (realignment), written as is
 
 
 @dataclass
@@ -185,6 +186,22 @@ def load_metadata_overrides(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def verify_packed(files: list[Path], packed: dict[str, np.ndarray]) -> None:
+    """Read the written file(s) back: every pre-encoded tensor must be there byte for byte."""
+    seen = 0
+    for f in files:
+        for t in gguf.GGUFReader(f).tensors:
+            want = packed.get(t.name)
+            if want is None:
+                continue
+            got = np.asarray(t.data).reshape(-1).view(np.uint8)
+            if not np.array_equal(got, np.ascontiguousarray(want).reshape(-1).view(np.uint8)):
+                raise AssertionError(f"{t.name}: written bytes differ from the realigned blocks")
+            seen += 1
+    if seen != len(packed):
+        raise AssertionError(f"only {seen} of {len(packed)} realigned tensors found in the written file")
+
+
 def convert(model_dir: str | Path, output: str | Path, opts: ConvertOptions | None = None,
             progress: Progress | None = None, plan: Plan | None = None) -> ConvertResult:
     opts = opts or ConvertOptions()
@@ -217,7 +234,8 @@ def convert(model_dir: str | Path, output: str | Path, opts: ConvertOptions | No
             if not np.isfinite(x).all():
                 raise InputError(f"tensor {t.source.hf_name or t.source.name} contains NaN or Inf values; "
                                  "the checkpoint is broken, fix it before converting")
-            data = _encode(x, t.qtype, importance.get(t.source.name), opts.threads)
+            pre = (opts.packed or {}).get(t.source.name)
+            data = pre if pre is not None else _encode(x, t.qtype, importance.get(t.source.name), opts.threads)
             del x
             if data.nbytes != t.nbytes:  # an internal invariant, not a user error
                 raise AssertionError(f"{t.source.name}: encoded {data.nbytes} bytes, planned {t.nbytes}")
@@ -227,6 +245,8 @@ def convert(model_dir: str | Path, output: str | Path, opts: ConvertOptions | No
                 progress(t.source.name, i + 1, len(plan.tensors), done, plan.total_bytes)
         w.close()
         files = sorted(tmpdir.iterdir())
+        if opts.packed:
+            verify_packed(files, opts.packed)
         final = []
         for f in files:
             os.replace(f, out.parent / f.name)

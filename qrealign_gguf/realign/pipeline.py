@@ -1,0 +1,122 @@
+"""Wiring for Q-realign: fine-tuned HF model + probes + prompts -> packed GGUF bytes for every decoder
+layer's linear weights, layer by layer with checkpoints. convert() writes them (ConvertOptions.packed)."""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..errors import InputError
+from ..formats import codec
+from ..prompts import load_prompts
+from .calibrate import LayerStats, RealignSettings, Target, propagate, realign_layer
+from .capture import capture
+from .checkpoint import Checkpoints, file_digest, fingerprint, model_files_digest
+from .hidden import chat_ids, check_compatible, decoder_layers, model_signature
+from .probes import ProbeSet
+
+Report = Callable[[int, int, LayerStats, bool], None]  # (layer, n_layers, stats, from_checkpoint)
+
+
+def _targets(plan, layer: int, importance: dict[str, np.ndarray]) -> list[Target]:  # noqa: ANN001 - convert.Plan
+    out = []
+    for p in plan.tensors:
+        if not p.source.name.startswith(f"blk.{layer}.") or not p.qtype.native or not p.source.is_matrix:
+            continue
+        m = re.search(rf"layers\.{layer}\.(.+)\.weight$", p.source.hf_name)
+        if m is None:
+            continue
+        rows = p.source.shape[0]
+        order = plan.family.transform(p.source.name, np.arange(rows, dtype=np.float32)[:, None]).astype(np.int64).ravel()
+        if not np.array_equal(np.sort(order), np.arange(rows)):
+            raise AssertionError(f"{p.source.name}: family transform of a matrix must be a row permutation")
+        out.append(Target(m.group(1), p.source.name, p.qtype,
+                          None if np.array_equal(order, np.arange(rows)) else order, importance.get(p.source.name)))
+    return out
+
+
+def _quantized_embedding(plan, importance: dict[str, np.ndarray]) -> torch.Tensor | None:  # noqa: ANN001
+    """The token embedding as the file will store it (layer 0's real input)."""
+    p = next((t for t in plan.tensors if t.source.name == "token_embd.weight"), None)
+    if p is None or p.qtype.name == "F32":
+        return None
+    e = p.source.load()
+    if p.qtype.name == "F16":
+        return torch.from_numpy(codec.to_f16(e).astype(np.float32))
+    if p.qtype.name == "BF16":
+        return torch.from_numpy((codec.to_bf16(e).astype(np.uint32) << 16).view(np.float32))
+    data = codec.quantize(e, p.qtype, importance.get(p.source.name))
+    return torch.from_numpy(codec.dequantize(data, p.qtype, e.shape[1]))
+
+
+def _hard_from_packed(targets: list[Target], packed: dict[str, np.ndarray], cols: dict[str, int]) -> dict[str, torch.Tensor]:
+    out = {}
+    for t in targets:
+        w = codec.dequantize(packed[t.gguf_name], t.qtype, cols[t.module])
+        if t.row_order is not None:
+            w = w[np.argsort(t.row_order)]  # back to HF row order
+        out[f"{t.module}.weight"] = torch.from_numpy(w)
+    return out
+
+
+def realign_model(finetuned: str | Path, plan, probes: ProbeSet, settings: RealignSettings,  # noqa: ANN001
+                  harmful: str | Path = "builtin:harmful", benign: str | Path = "builtin:benign",
+                  importance: dict[str, np.ndarray] | None = None, checkpoint_dir: str | Path | None = None,
+                  report: Report | None = None, device: str = "cpu") -> dict[str, np.ndarray]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    importance = importance or {}
+    check_compatible(probes.meta, model_signature(finetuned), "the probes' model", str(finetuned))
+    harm = load_prompts(harmful, limit=settings.n_harmful)
+    ben = load_prompts(benign, limit=settings.n_benign)
+    reliable = set(probes.reliable)
+    if not reliable:
+        raise InputError("no probe layer is reliable (held-out accuracy below the threshold); refit the probes "
+                         "with more prompts or a lower --min-acc")
+
+    fp = fingerprint({"version": __version__, "model": model_files_digest(finetuned),
+                      "probes": [probes.w.sum().item(), probes.b.tolist(), sorted(reliable)],
+                      "harmful": [p.text for p in harm], "benign": [p.text for p in ben],
+                      "settings": asdict(settings), "types": {t.source.name: t.qtype.name for t in plan.tensors},
+                      "importance": sorted(importance)})
+    ckpt = Checkpoints(checkpoint_dir or Path(plan.output).with_suffix(".realign-ckpt"), fp)
+
+    model = AutoModelForCausalLM.from_pretrained(finetuned, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(finetuned)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    ids_b = [chat_ids(tok, p.text, settings.max_tokens) for p in ben]
+    ids_h = [chat_ids(tok, p.text, settings.max_tokens) for p in harm]
+    cache = capture(model, ids_b + ids_h, _quantized_embedding(plan, importance))
+    nb = len(ids_b)
+    layers = decoder_layers(model)
+    xq = cache.q0
+    out: dict[str, np.ndarray] = {}
+    for i, layer in enumerate(layers):
+        layer.to(device)
+        targets = _targets(plan, i, importance)
+        kw = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in d.items()} for d in cache.kwargs[i]]
+        if ckpt.done(i):
+            packed, stats_d = ckpt.load(i)
+            cols = {t.module: layer.get_submodule(t.module).weight.shape[1] for t in targets}
+            hard = {k: v.to(device) for k, v in _hard_from_packed(targets, packed, cols).items()}
+            stats = LayerStats(**stats_d)
+            resumed = True
+        else:
+            score = (lambda h, i=i: probes.score(i, h)) if i in reliable else None
+            packed, hard, stats = realign_layer(
+                layer, targets,
+                ([x.to(device) for x in xq[:nb]], [y.to(device) for y in cache.fp[i + 1][:nb]], kw[:nb]),
+                ([x.to(device) for x in xq[nb:]], kw[nb:]), score, settings, i)
+            ckpt.save(i, packed, stats)
+            resumed = False
+        out.update(packed)
+        xq = [x.cpu() for x in propagate(layer, hard, [x.to(device) for x in xq], kw)]
+        layer.to("cpu")
+        if report:
+            report(i, len(layers), stats, resumed)
+    return out
