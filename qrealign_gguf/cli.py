@@ -65,8 +65,18 @@ def convert(
     threads: int = typer.Option(0, "--threads", "-t", help="encoder threads (0 = all cores)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan (tensors, types, size) and write nothing"),
     force: bool = typer.Option(False, "--force", "-f", help="overwrite an existing output file"),
+    aligned: Optional[Path] = typer.Option(None, "--aligned", help="REALIGN: the aligned model this one was fine-tuned from (probes are fit on it)"),
+    probes: Optional[Path] = typer.Option(None, "--probes", help="REALIGN: probes from `qrealign-gguf probe` instead of --aligned"),
+    harmful: str = typer.Option("builtin:harmful", "--harmful", help="REALIGN: harmful calibration prompts (.jsonl)"),
+    benign: str = typer.Option("builtin:benign", "--benign", help="REALIGN: benign calibration prompts (.jsonl)"),
+    samples: int = typer.Option(64, "--realign-samples", help="REALIGN: prompts of each kind used for calibration"),
+    iters: int = typer.Option(40, "--realign-iters", help="REALIGN: optimizer steps per layer"),
+    harm_weight: float = typer.Option(1.0, "--harm-weight", help="REALIGN: weight of the probe term against benign reconstruction"),
+    margin: float = typer.Option(2.0, "--margin", help="REALIGN: probe logit the harmful last-token state must exceed"),
+    checkpoints: Optional[Path] = typer.Option(None, "--checkpoints", help="REALIGN: per-layer checkpoint dir (default <output>.realign-ckpt)"),
+    device: str = typer.Option("auto", "--device", help="REALIGN: auto | cpu | cuda"),
 ) -> None:
-    """Convert a Hugging Face model to GGUF (plain conversion; realignment options arrive with --aligned)."""
+    """Convert a Hugging Face model to GGUF; with --aligned or --probes, realign safety while quantizing."""
     from .convert import ConvertOptions, load_metadata_overrides, make_plan
     from .convert import convert as do_convert
 
@@ -78,10 +88,18 @@ def convert(
         if dry_run:
             _print_plan(plan)
             return
+        realign = aligned is not None or probes is not None
+        if realign:
+            from .realign.pipeline import RealignRequest, prepare_realign, run_realign
+            req = RealignRequest(model, aligned, probes, harmful, benign, samples, iters, harm_weight, margin,
+                                 checkpoints, device)
+            probe_set = prepare_realign(req, plan, console=err)  # every input checked before the long work
         if calib is not None:
             from .calib import compute_importance
             opts.importance = compute_importance(plan.family, calib, calib_samples, save_imatrix, console=err)
             opts.extra_provenance["imatrix"] = f"computed from {calib.name} ({calib_samples} prompts)"
+        if realign:
+            opts.packed = run_realign(req, plan, probe_set, opts, console=err)
         with Progress(TextColumn("{task.description:<40}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
                       console=err, transient=True) as bar:
             task = bar.add_task("starting", total=plan.total_bytes)
@@ -90,8 +108,49 @@ def convert(
                 bar.update(task, completed=done, description=f"[{i}/{n}] {name}")
 
             res = do_convert(model, output, opts, progress=tick, plan=plan)
+        if realign and checkpoints is None:  # written and verified: the per-layer checkpoints served their purpose
+            import shutil
+            from .realign.pipeline import default_checkpoint_dir
+            shutil.rmtree(default_checkpoint_dir(plan), ignore_errors=True)
         for f in res.files:
             out.print(f"wrote {f} ({f.stat().st_size / 1e6:.1f} MB, {res.plan.bits_per_weight:.2f} bpw, {res.seconds:.1f} s)")
+
+    _run(work)
+
+
+@app.command()
+def probe(
+    model: Path = typer.Argument(..., help="the ALIGNED Hugging Face model (the one that still refuses)"),
+    output: Path = typer.Option(..., "-o", "--output", help="probes file (.safetensors)"),
+    harmful: str = typer.Option("builtin:harmful", "--harmful", help="harmful prompts (.jsonl, label 1)"),
+    benign: str = typer.Option("builtin:benign", "--benign", help="benign prompts (.jsonl, label 0)"),
+    samples: int = typer.Option(256, "--samples", help="prompts of each kind"),
+    min_acc: float = typer.Option(0.9, "--min-acc", help="held-out accuracy a layer's probe needs to be used"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of probe accuracy per layer"),
+    force: bool = typer.Option(False, "--force", "-f", help="overwrite an existing output file"),
+) -> None:
+    """Fit per-layer linear safety probes on the aligned model's last-token states."""
+    from .realign.probes import probe_model
+
+    def work() -> None:
+        if output.exists() and not force:
+            raise InputError(f"{output} already exists; pass --force to overwrite it")
+        if not output.parent.is_dir():
+            raise InputError(f"output directory {output.parent} does not exist; create it first")
+        ps = probe_model(model, harmful, benign, samples, min_acc, console=err)
+        tmp = output.with_name(output.name + ".partial")
+        ps.save(tmp)
+        tmp.replace(output)
+        t = Table(title=f"probe accuracy per layer ({len(ps.reliable)}/{ps.n_layers} reliable at >= {min_acc:.2f})")
+        for col in ("layer", "train", "held-out", "used"):
+            t.add_column(col, justify="right")
+        for i in range(ps.n_layers):
+            t.add_row(str(i), f"{ps.train_acc[i]:.3f}", f"{ps.heldout_acc[i]:.3f}", "yes" if i in ps.reliable else "")
+        out.print(t)
+        if plot is not None:
+            from .evaluate.report import plot_probe_accuracy
+            plot_probe_accuracy(ps.heldout_acc.tolist(), plot, extra={"train": ps.train_acc.tolist()})
+        out.print(f"wrote {output}")
 
     _run(work)
 
@@ -136,6 +195,9 @@ def inspect(
                   f"types: {', '.join(f'{k} x{v}' for k, v in s.type_counts.items())}")
 
     _run(work)
+
+
+from .evaluate.cli import eval_command; app.command("eval")(eval_command)  # noqa: E402, E702
 
 
 def main() -> None:  # pragma: no cover - console script entry

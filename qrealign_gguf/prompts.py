@@ -20,8 +20,13 @@ class Prompt:
     label: int | None = None  # 1 harmful, 0 benign, None unknown
 
 
-def load_prompts(path: str | Path, need_labels: bool = False, limit: int | None = None) -> list[Prompt]:
-    """Read and validate a prompt file; every problem is one InputError naming the file and line."""
+def load_prompts(path: str | Path, need_labels: bool = False, limit: int | None = None,
+                 expect_label: int | None = None) -> list[Prompt]:
+    """Read and validate a prompt file; every problem is one InputError naming the file and line.
+
+    expect_label: the role the file plays (1 harmful, 0 benign); JSON lines must then carry that label,
+    so a swapped or unlabelled file is caught before hours of calibration on the wrong side."""
+    need_labels = need_labels or expect_label is not None
     name = str(path)
     if name in BUILTIN:
         text = resources.files("qrealign_gguf.data").joinpath(BUILTIN[name]).read_text()
@@ -46,9 +51,13 @@ def load_prompts(path: str | Path, need_labels: bool = False, limit: int | None 
             label = row.get("label")
             if need_labels and label not in (0, 1):
                 raise InputError(f"{name} line {n} needs \"label\": 0 (benign) or 1 (harmful), got {label!r}")
+            if expect_label is not None and label != expect_label:
+                kind = {0: "benign", 1: "harmful"}
+                raise InputError(f"{name} line {n} is labelled {kind[label]} ({label}) but the file is used as "
+                                 f"{kind[expect_label]} prompts; check --harmful/--benign")
             out.append(Prompt(row["prompt"], label if label in (0, 1) else None))
         else:
-            if need_labels:
+            if need_labels and expect_label is None:
                 raise InputError(f"{name}: labelled prompts must be JSON lines with \"prompt\" and \"label\"")
             out.append(Prompt(line.strip()))
         if limit is not None and len(out) >= limit:

@@ -6,6 +6,7 @@ hparams and tokenizer metadata llama.cpp needs. It knows nothing about quantizat
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from typing import ClassVar
 import gguf
 import numpy as np
 
+from ..errors import InputError
 from ..hf_model import HFModel
 
 
@@ -51,3 +53,221 @@ class ModelFamily(ABC):
 
     def validate(self) -> None:
         """Raise InputError for configs this family cannot convert faithfully (called before any work)."""
+
+
+# -- shared machinery for decoder-only transformer families ---------------------------------------------------
+def permute_rotary(x: np.ndarray, n_head: int) -> np.ndarray:
+    """HF's half-split rotary layout -> the interleaved pairs llama.cpp's "llama" rope (mode NORM) rotates.
+
+    Within each head the rows are [x0..x(d/2-1), y0..y(d/2-1)]; llama.cpp wants [x0, y0, x1, y1, ...].
+    Works for a weight (rows, cols) and for a bias (rows,).
+    """
+    rows = x.shape[0]
+    return x.reshape(n_head, 2, rows // n_head // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+
+def llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
+    """Per-frequency divisors for rope_type "llama3" (upstream's rope_freqs.weight; llama.cpp divides theta by them)."""
+    base = float(rope.get("rope_theta", 10000.0))
+    factor = float(rope.get("factor", 8.0))
+    lo, hi = float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
+    old_ctx = float(rope.get("original_max_position_embeddings", 8192))
+    freqs = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+    out = []
+    for f in freqs.astype(np.float64):
+        wavelen = 2 * math.pi / f
+        if wavelen < old_ctx / hi:
+            out.append(1.0)
+        elif wavelen > old_ctx / lo:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - lo) / (hi - lo)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
+class DecoderFamily(ModelFamily):
+    """A decoder-only HF transformer written tensor by tensor through gguf-py's TensorNameMap.
+
+    Subclasses set gguf_arch and hook in with `transform` (per-tensor value changes), `extra_tensors`,
+    `add_arch_metadata` and `check`. Hyperparameters come from transformers' own config class so that
+    defaults a config.json leaves out (common in Gemma 3 text_config) are filled exactly as HF fills them.
+    """
+    gguf_arch: ClassVar[gguf.MODEL_ARCH]
+    rope_types: ClassVar[tuple[str, ...]] = ("default", "linear", "yarn")
+    untied_output_ok: ClassVar[bool] = True  # does llama.cpp's arch read output.weight?
+    activations: ClassVar[tuple[str, ...]] = ("silu",)
+    skip_prefixes: ClassVar[tuple[str, ...]] = ()  # HF tensors that are not part of the text model
+
+    def __init__(self, model: HFModel) -> None:
+        super().__init__(model)
+        from transformers import AutoConfig
+        try:
+            self.hf_config = AutoConfig.from_pretrained(str(model.path), local_files_only=True)
+        except Exception as e:
+            raise InputError(f"transformers cannot read {model.path / 'config.json'} ({type(e).__name__}: {e})") from None
+        self.c = self.hf_config.get_text_config()
+        self.tmap = gguf.get_tensor_name_map(self.gguf_arch, self.n_layers)
+
+    # -- hyperparameters --------------------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return int(self.c.num_hidden_layers)
+
+    @property
+    def n_embd(self) -> int:
+        return int(self.c.hidden_size)
+
+    @property
+    def n_head(self) -> int:
+        return int(self.c.num_attention_heads)
+
+    @property
+    def n_head_kv(self) -> int:
+        return int(getattr(self.c, "num_key_value_heads", None) or self.n_head)
+
+    @property
+    def head_dim(self) -> int:
+        return int(getattr(self.c, "head_dim", None) or self.n_embd // self.n_head)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.c.vocab_size)
+
+    @property
+    def tied(self) -> bool:
+        top = getattr(self.hf_config, "tie_word_embeddings", None)
+        return bool(top if top is not None else getattr(self.c, "tie_word_embeddings", False))
+
+    def rope(self, layer_type: str = "full_attention") -> dict:
+        """Rope settings for one attention kind, as a dict with rope_type, rope_theta, factor, ..."""
+        rp = getattr(self.c, "rope_parameters", None)
+        if rp:  # transformers >= 5
+            if "full_attention" in rp or "sliding_attention" in rp:
+                rp = rp.get(layer_type) or rp.get("full_attention") or {}
+            return {"rope_type": "default", **rp}
+        rs = dict(getattr(self.c, "rope_scaling", None) or {})  # transformers 4.x
+        rs["rope_type"] = rs.get("rope_type", rs.get("type", "default"))
+        local = getattr(self.c, "rope_local_base_freq", None)
+        if layer_type == "sliding_attention" and local is not None:
+            return {"rope_type": "default", "rope_theta": local}
+        rs["rope_theta"] = getattr(self.c, "rope_theta", 10000.0)
+        return rs
+
+    def context_length(self) -> int:
+        return int(self.c.max_position_embeddings)
+
+    def layer_types(self) -> list[str]:
+        return list(getattr(self.c, "layer_types", None) or ["full_attention"] * self.n_layers)
+
+    # -- hooks --------------------------------------------------------------------------------------------------
+    def transform(self, name: str, x: np.ndarray) -> np.ndarray:
+        """Exact value changes llama.cpp's graph expects for GGUF tensor `name`."""
+        return x
+
+    def extra_tensors(self) -> Iterator[TensorSource]:
+        return iter(())
+
+    def add_arch_metadata(self, w: gguf.GGUFWriter) -> None:
+        pass
+
+    def check(self) -> None:
+        """Family-specific InputErrors (called by validate)."""
+
+    # -- ModelFamily -----------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        act = getattr(self.c, "hidden_activation", None) or getattr(self.c, "hidden_act", None)
+        if act not in self.activations:
+            raise InputError(f"{self.model.architecture}: hidden activation {act!r} is not supported "
+                             f"(llama.cpp's {self.arch} uses {'/'.join(self.activations)})")
+        rt = self.rope().get("rope_type", "default")
+        if rt not in self.rope_types:
+            raise InputError(f"{self.model.architecture}: rope_type {rt!r} is not supported for {self.arch} "
+                             f"(supported: {', '.join(self.rope_types)})")
+        self.check()
+        self._plan()
+
+    def add_metadata(self, w: gguf.GGUFWriter) -> None:
+        from ..tokenizer import build_vocab
+        w.add_name(self.model.path.resolve().name)
+        w.add_context_length(self.context_length())
+        w.add_embedding_length(self.n_embd)
+        w.add_block_count(self.n_layers)
+        w.add_feed_forward_length(int(self.c.intermediate_size))
+        w.add_head_count(self.n_head)
+        w.add_head_count_kv(self.n_head_kv)
+        w.add_layer_norm_rms_eps(float(self.c.rms_norm_eps))
+        w.add_vocab_size(self.vocab_size)
+        if self.head_dim != self.n_embd // self.n_head:
+            w.add_key_length(self.head_dim)
+            w.add_value_length(self.head_dim)
+        self._add_rope(w, self.rope())
+        self.add_arch_metadata(w)
+        build_vocab(self.model.path, self.vocab_size).add_to(w)
+
+    def _add_rope(self, w: gguf.GGUFWriter, rope: dict) -> None:
+        w.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+        rt, factor = rope.get("rope_type", "default"), rope.get("factor")
+        if rt == "linear" and factor:
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(float(factor))
+        elif rt == "yarn" and factor:
+            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(float(factor))
+            w.add_rope_scaling_orig_ctx_len(int(rope.get("original_max_position_embeddings")
+                                                or self.c.max_position_embeddings))
+            for key, add in (("extrapolation_factor", w.add_rope_scaling_yarn_ext_factor),
+                             ("beta_fast", w.add_rope_scaling_yarn_beta_fast),
+                             ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):
+                if rope.get(key) is not None:
+                    add(float(rope[key]))
+            attn = rope.get("attention_factor", rope.get("attn_factor"))
+            if attn is not None:
+                w.add_rope_scaling_yarn_attn_factor(float(attn))
+
+    def tensors(self) -> Iterator[TensorSource]:
+        for name, hf_name, shape in self._plan():
+            yield TensorSource(name, shape, self._loader(name, hf_name), hf_name)
+        yield from self.extra_tensors()
+
+    def _loader(self, name: str, hf_name: str):
+        return lambda: np.ascontiguousarray(self.transform(name, self.model.load(hf_name)), dtype=np.float32)
+
+    def hf_text_name(self, hf_name: str) -> str | None:
+        """The HF name as a plain *ForCausalLM would call it, or None to skip the tensor."""
+        if hf_name.startswith(self.skip_prefixes) or hf_name.endswith("rotary_emb.inv_freq"):
+            return None
+        return hf_name
+
+    def _plan(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        out: dict[str, tuple[str, tuple[int, ...]]] = {}
+        for hf_name in self.model.tensor_names():
+            text_name = self.hf_text_name(hf_name)
+            if text_name is None:
+                continue
+            name = self.tmap.get_name(text_name, try_suffixes=(".weight", ".bias"))
+            if name is None:
+                raise InputError(f"tensor {hf_name} has no {self.arch} GGUF name; this checkpoint has weights "
+                                 f"llama.cpp's {self.arch} does not use (an unsupported variant?)")
+            if name in out:
+                raise InputError(f"tensors {out[name][0]} and {hf_name} both map to {name}")
+            out[name] = (hf_name, self.model.shape(hf_name))
+        if "token_embd.weight" not in out:
+            raise InputError(f"{self.model.path} has no token embedding (model.embed_tokens.weight)")
+        if "output.weight" in out and self.tied:
+            del out["output.weight"]  # llama.cpp reuses token_embd when output.weight is absent
+        elif "output.weight" not in out and not self.tied:
+            raise InputError("config says tie_word_embeddings=false but the checkpoint has no lm_head.weight")
+        if "output.weight" in out and not self.untied_output_ok:
+            raise InputError(f"llama.cpp's {self.arch} always ties the output projection to token_embd, but this "
+                             "checkpoint has a separate lm_head.weight (tie_word_embeddings=false)")
+        rows = out["token_embd.weight"][1][0]
+        if rows != self.vocab_size:
+            raise InputError(f"token embedding has {rows} rows but config vocab_size is {self.vocab_size}")
+
+        def order(name: str) -> tuple:
+            parts = name.split(".")
+            if parts[0] == "blk":
+                return (1, int(parts[1]), name)
+            return (0 if name.startswith("token_embd") else 2, 0, name)
+        return [(n, *out[n]) for n in sorted(out, key=order)]

@@ -70,6 +70,17 @@ def harm_loss(score: torch.Tensor, margin: float) -> torch.Tensor:
     return softplus(margin - score)
 
 
+def _snapshot(learn: dict[str, simulate.Learn]) -> dict[str, list[torch.Tensor]]:
+    return {k: [p.detach().clone() for p in v.parameters()] for k, v in learn.items()}
+
+
+@torch.no_grad()
+def _restore(learn: dict[str, simulate.Learn], snap: dict[str, list[torch.Tensor]]) -> None:
+    for k, v in learn.items():
+        for p, q in zip(v.parameters(), snap[k]):
+            p.copy_(q)
+
+
 def _weights(layer: torch.nn.Module, targets: list[Target], learn: dict[str, simulate.Learn],
              base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {f"{t.module}.weight": simulate.fake_quant(t.qtype, base[t.module], learn[t.module]) for t in targets}
@@ -107,6 +118,10 @@ def realign_layer(layer: torch.nn.Module, targets: list[Target],
         p.requires_grad_(False)
 
     start = _evaluate(layer, _weights(layer, targets, learn, base), xb, yb, kb, xh, kh, score, s.margin)
+    # auto-round's schedule: linear decay to zero, and keep the best minibatch iterate (the straight-through
+    # gradient makes late iterates oscillate between rounding choices)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 - k / max(s.iters, 1))
+    best, best_loss = _snapshot(learn), float("inf")
     for _ in range(s.iters):
         opt.zero_grad(set_to_none=True)
         w = _weights(layer, targets, learn, base)
@@ -116,10 +131,14 @@ def realign_layer(layer: torch.nn.Module, targets: list[Target],
             ih = torch.randperm(len(xh), generator=gen)[: s.batch].tolist()
             sc = torch.stack([score(_run(layer, w, xh[i], kh[i])[0, -1]) for i in ih])
             loss = loss + s.harm_weight * harm_loss(sc, s.margin).mean()
+        if loss.item() < best_loss:  # the loss of the weights *before* this step
+            best, best_loss = _snapshot(learn), loss.item()
         loss.backward()
         opt.step()
+        sched.step()
         for t in targets:
             learn[t.module].project_()
+    _restore(learn, best)
 
     with torch.no_grad():
         hard = _weights(layer, targets, learn, base)

@@ -3,6 +3,7 @@ layer's linear weights, layer by layer with checkpoints. convert() writes them (
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -64,6 +65,10 @@ def _hard_from_packed(targets: list[Target], packed: dict[str, np.ndarray], cols
     return out
 
 
+def default_checkpoint_dir(plan) -> Path:  # noqa: ANN001 - convert.Plan
+    return Path(plan.output).with_suffix(".realign-ckpt")
+
+
 def realign_model(finetuned: str | Path, plan, probes: ProbeSet, settings: RealignSettings,  # noqa: ANN001
                   harmful: str | Path = "builtin:harmful", benign: str | Path = "builtin:benign",
                   importance: dict[str, np.ndarray] | None = None, checkpoint_dir: str | Path | None = None,
@@ -72,8 +77,8 @@ def realign_model(finetuned: str | Path, plan, probes: ProbeSet, settings: Reali
 
     importance = importance or {}
     check_compatible(probes.meta, model_signature(finetuned), "the probes' model", str(finetuned))
-    harm = load_prompts(harmful, limit=settings.n_harmful)
-    ben = load_prompts(benign, limit=settings.n_benign)
+    harm = load_prompts(harmful, limit=settings.n_harmful, expect_label=1)
+    ben = load_prompts(benign, limit=settings.n_benign, expect_label=0)
     reliable = set(probes.reliable)
     if not reliable:
         raise InputError("no probe layer is reliable (held-out accuracy below the threshold); refit the probes "
@@ -84,7 +89,7 @@ def realign_model(finetuned: str | Path, plan, probes: ProbeSet, settings: Reali
                       "harmful": [p.text for p in harm], "benign": [p.text for p in ben],
                       "settings": asdict(settings), "types": {t.source.name: t.qtype.name for t in plan.tensors},
                       "importance": sorted(importance)})
-    ckpt = Checkpoints(checkpoint_dir or Path(plan.output).with_suffix(".realign-ckpt"), fp)
+    ckpt = Checkpoints(checkpoint_dir or default_checkpoint_dir(plan), fp)
 
     model = AutoModelForCausalLM.from_pretrained(finetuned, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(finetuned)
@@ -120,3 +125,79 @@ def realign_model(finetuned: str | Path, plan, probes: ProbeSet, settings: Reali
         if report:
             report(i, len(layers), stats, resumed)
     return out
+
+
+# -- the CLI's two calls: check everything first, then do the long work ------------------------------------
+@dataclass
+class RealignRequest:
+    finetuned: Path
+    aligned: Path | None
+    probes: Path | None
+    harmful: str
+    benign: str
+    samples: int = 64
+    iters: int = 40
+    harm_weight: float = 1.0
+    margin: float = 2.0
+    checkpoints: Path | None = None
+    device: str = "auto"
+
+    @property
+    def settings(self) -> RealignSettings:
+        return RealignSettings(iters=self.iters, harm_weight=self.harm_weight, margin=self.margin,
+                               n_benign=self.samples, n_harmful=self.samples)
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda"):
+        raise InputError(f"--device {name!r}: use auto, cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is visible; use --device cpu")
+    return name
+
+
+def prepare_realign(req: RealignRequest, plan, console=None) -> ProbeSet | None:  # noqa: ANN001
+    """Validate every realignment input; returns loaded probes (None when they will be fit on --aligned)."""
+    if req.aligned is not None and req.probes is not None:
+        raise InputError("give either --aligned or --probes, not both")
+    if req.samples < 2 or req.iters < 0:
+        raise InputError("--realign-samples must be >= 2 and --realign-iters >= 0")
+    resolve_device(req.device)
+    if not any(t.qtype.native for t in plan.tensors):
+        raise InputError(f"--outtype {plan.outtype} has no quantized blocks to realign; choose e.g. Q8_0 or Q4_K_M")
+    mine = model_signature(req.finetuned)
+    load_prompts(req.harmful, expect_label=1)  # whole files: a bad line 400 must not surface hours later
+    load_prompts(req.benign, expect_label=0)
+    if req.aligned is not None:
+        check_compatible(model_signature(req.aligned), mine, f"aligned model {req.aligned}", str(req.finetuned))
+        return None
+    probes = ProbeSet.load(req.probes)
+    check_compatible(probes.meta, mine, f"probes {req.probes}", str(req.finetuned))
+    return probes
+
+
+def run_realign(req: RealignRequest, plan, probes: ProbeSet | None, opts, console=None) -> dict[str, np.ndarray]:  # noqa: ANN001
+    from .probes import probe_model
+
+    if probes is None:
+        probes = probe_model(req.aligned, req.harmful, req.benign, console=console)
+        if console:
+            console.print(f"probes: {len(probes.reliable)}/{probes.n_layers} layers reliable "
+                          f"(held-out accuracy {probes.heldout_acc.min():.2f}..{probes.heldout_acc.max():.2f})")
+
+    def report(i: int, n: int, s: LayerStats, resumed: bool) -> None:
+        if console:
+            tag = "checkpoint" if resumed else f"{s.seconds:.0f}s"
+            harm = f"probe loss {s.harm_start:.3f}->{s.harm_end:.3f}, harmful side {s.harmful_side_start:.0%}->{s.harmful_side_end:.0%}" if s.probed else "no reliable probe"
+            console.print(f"layer {i + 1}/{n} [{tag}]: benign rel. error {s.benign_start:.4f}->{s.benign_end:.4f}; {harm}",
+                          highlight=False)
+
+    packed = realign_model(req.finetuned, plan, probes, req.settings, req.harmful, req.benign,
+                           importance=opts.importance, checkpoint_dir=req.checkpoints, report=report,
+                           device=resolve_device(req.device))
+    opts.extra_provenance.update({"realigned": True, "realign_iters": req.iters, "realign_harm_weight": req.harm_weight,
+                                  "realign_margin": req.margin, "realign_samples": req.samples,
+                                  "realign_probe_layers": ",".join(map(str, probes.reliable))})
+    return packed

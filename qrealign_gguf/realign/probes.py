@@ -134,8 +134,8 @@ def probe_model(model_dir: str | Path, harmful: str | Path, benign: str | Path, 
     from ..prompts import load_prompts
     from .hidden import last_token_states, model_signature, template_fingerprint
 
-    harm = load_prompts(harmful, limit=n_per_class)
-    ben = load_prompts(benign, limit=n_per_class)
+    harm = load_prompts(harmful, limit=n_per_class, expect_label=1)
+    ben = load_prompts(benign, limit=n_per_class, expect_label=0)
     sig = model_signature(model_dir)  # validates the directory before the slow load
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)

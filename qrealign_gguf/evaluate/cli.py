@@ -1,0 +1,308 @@
+"""`qrealign-gguf eval`: evaluate models where they are deployed (GGUF in the pinned llama.cpp; HF directories in
+transformers as the full-precision reference).
+
+    qrealign-gguf eval A.gguf [B.gguf HFDIR ...] --harmful F --benign F --overrefusal F
+                       [--reference REF(.gguf|dir)] [--judge MODEL] [--max-new-tokens 128] [--limit N]
+                       [--plot report.png] [--json report.json]
+
+Each prompt set is optional; a metric whose set is not given is not evaluated. Everything the user passed is
+validated (files, JSON lines, labels, GGUF headers, chat templates) before any model runs.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from ..errors import InputError
+from ..prompts import Prompt, load_prompts
+
+SETS = ("harmful", "overrefusal", "benign")
+SET_LABEL = {"harmful": 1, "overrefusal": 0, "benign": 0}
+err = Console(stderr=True)
+
+
+# -- validation -------------------------------------------------------------------------------------
+def check_model(path: Path, what: str = "model") -> str:
+    """'gguf' or 'hf'; InputError (one line) when the path cannot be evaluated."""
+    from .judge import is_gguf
+
+    if not path.exists():
+        raise InputError(f"{what} {path} does not exist")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise InputError(f"{what} {path} is a directory without config.json (expected a Hugging Face model dir)")
+        tc = path / "tokenizer_config.json"
+        has_tmpl = (path / "chat_template.jinja").is_file() or (path / "chat_template.json").is_file()
+        if not has_tmpl and tc.is_file():
+            try:
+                has_tmpl = bool(json.loads(tc.read_text(encoding="utf-8")).get("chat_template"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise InputError(f"{what} {path}: tokenizer_config.json is not valid JSON") from None
+        if not has_tmpl:
+            raise InputError(f"{what} {path} has no chat template (tokenizer_config.json / chat_template.jinja); "
+                             "eval needs a chat model")
+        return "hf"
+    if not is_gguf(path):
+        raise InputError(f"{what} {path} is neither a .gguf file nor a Hugging Face model directory")
+    import gguf
+
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ValueError("bad magic, not a GGUF file")
+        r = gguf.GGUFReader(path)
+        field = r.fields.get("tokenizer.chat_template")
+        has_tmpl = field is not None and bool(field.contents())
+    except Exception as e:  # noqa: BLE001 - any parse failure: unreadable file
+        raise InputError(f"{what} {path} is not a readable GGUF file ({type(e).__name__}: {e})".replace("\n", " ")) from None
+    if not has_tmpl:
+        raise InputError(f"{what} {path} has no tokenizer.chat_template; eval needs a chat model")
+    return "gguf"
+
+
+def load_set(path: Path, role: str, limit: int | None) -> list[Prompt]:
+    """Prompts of one set; rows that carry a label must carry the set's label (1 harmful, 0 otherwise)."""
+    ps = load_prompts(path, limit=limit)
+    want = SET_LABEL[role]
+    for n, p in enumerate(ps, 1):
+        if p.label is not None and p.label != want:
+            raise InputError(f"{path} prompt {n} is labelled {p.label} but was given as --{role} "
+                             f"(expected label {want}); split mixed files by label first")
+    return ps
+
+
+def _names(paths: list[Path]) -> list[str]:
+    names: list[str] = []
+    for p in paths:
+        base = p.name[:-5] if p.name.lower().endswith(".gguf") else p.name
+        name, k = base, 2
+        while name in names:
+            name, k = f"{base}#{k}", k + 1
+        names.append(name)
+    return names
+
+
+# -- the run ----------------------------------------------------------------------------------------
+def _generate(path: Path, kind: str, prompts: list[str], max_new: int, n_parallel: int, threads: int) -> tuple[list[str], dict]:
+    from ..llama_logits import LlamaCallError
+    from .generate import generate_gguf, generate_hf
+
+    stats: dict = {}
+    try:
+        if kind == "gguf":
+            ans = generate_gguf(path, prompts, max_new_tokens=max_new, n_parallel=n_parallel, threads=threads, stats=stats)
+        else:
+            ans = generate_hf(path, prompts, max_new_tokens=max_new, batch_size=n_parallel, threads=threads, stats=stats)
+    except LlamaCallError as e:
+        lines = [ln for ln in str(e).splitlines()[1:] if ln.strip()]
+        raise InputError(f"llama.cpp could not run {path}: {lines[-1].strip() if lines else e}") from None
+    stats.pop("tokens", None)
+    stats["tokens_per_s"] = stats["generated_tokens"] / max(stats["seconds"], 1e-9)
+    return ans, stats
+
+
+def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | None = None,
+             overrefusal: Path | None = None, reference: Path | None = None, judge: Path | None = None,
+             max_new_tokens: int = 128, limit: int | None = None, n_parallel: int = 8, threads: int = 0,
+             kld: bool = True, console: Console | None = None) -> dict:
+    """Validate everything, then generate, judge and measure; returns the report dict (see report.py)."""
+    from . import metrics as M
+    from .judge import agreement, keyword_judge, model_judge
+
+    log = console or err
+    # ---- validate (cheap, before any model runs)
+    if not models:
+        raise InputError("give at least one model (GGUF file or Hugging Face directory) to evaluate")
+    if max_new_tokens < 1:
+        raise InputError("--max-new-tokens must be at least 1")
+    if limit is not None and limit < 1:
+        raise InputError("--limit must be at least 1")
+    if n_parallel < 1:
+        raise InputError("--n-parallel must be at least 1")
+    files = {"harmful": harmful, "overrefusal": overrefusal, "benign": benign}
+    if all(v is None for v in files.values()):
+        raise InputError("nothing to evaluate: give --harmful, --overrefusal and/or --benign prompt files")
+    kinds = [check_model(Path(m)) for m in models]
+    ref_kind = check_model(Path(reference), "--reference") if reference is not None else None
+    judge_kind = check_model(Path(judge), "--judge") if judge is not None else None
+    sets = {k: load_set(Path(v), k, limit) for k, v in files.items() if v is not None}
+    if "gguf" in kinds + [ref_kind, judge_kind]:
+        from ..llama_runtime import LlamaNotFound, find_llama
+        try:
+            find_llama()
+        except LlamaNotFound as e:
+            raise InputError(str(e).splitlines()[0]) from None
+
+    names = _names([Path(m) for m in models])
+    report: dict = {
+        "settings": {"models": [str(m) for m in models], "reference": str(reference) if reference else None,
+                     "judge": str(judge) if judge else None, "max_new_tokens": max_new_tokens, "limit": limit,
+                     "n_parallel": n_parallel, "sets": {k: {"file": str(files[k]), "n": len(v)} for k, v in sets.items()},
+                     "decoding": "greedy (argmax), one user turn in the model's chat template"},
+        "judge": {"primary": "model" if judge else "keyword"}, "variants": [], "notes": [],
+    }
+    order = [k for k in SETS if k in sets]
+    flat = [p.text for k in order for p in sets[k]]
+
+    def split(answers: list[str]) -> dict[str, list[str]]:
+        out, i = {}, 0
+        for k in order:
+            out[k] = answers[i:i + len(sets[k])]
+            i += len(sets[k])
+        return out
+
+    # ---- generate
+    answers: dict[str, dict[str, list[str]]] = {}
+    cache: dict[Path, tuple[dict[str, list[str]], dict]] = {}
+    for i, (m, kind, name) in enumerate(zip(models, kinds, names), 1):
+        log.print(f"[{i}/{len(models)}] {name}: generating {len(flat)} answers ({kind}, max {max_new_tokens} tokens)")
+        key = Path(m).resolve()
+        if key not in cache:
+            ans, stats = _generate(Path(m), kind, flat, max_new_tokens, n_parallel, threads)
+            cache[key] = (split(ans), stats)
+        answers[name], stats = cache[key]
+        report["variants"].append({"name": name, "path": str(m), "kind": kind,
+                                   "generation": {k: stats[k] for k in ("seconds", "generated_tokens", "tokens_per_s")}})
+    ref_answers: list[str] | None = None
+    if reference is not None and "benign" in sets:
+        key = Path(reference).resolve()
+        if key in cache:
+            ref_answers = cache[key][0]["benign"]
+        else:
+            log.print(f"reference {Path(reference).name}: generating {len(sets['benign'])} benign answers")
+            ref_answers = _generate(Path(reference), ref_kind, [p.text for p in sets["benign"]], max_new_tokens,
+                                    n_parallel, threads)[0]
+    elif reference is None and "benign" in sets:
+        report["notes"].append("no --reference: benign agreement (ROUGE-L) and KLD not measured")
+
+    # ---- judge
+    kw = {name: {k: keyword_judge(a) for k, a in answers[name].items()} for name in names}
+    mj: dict[str, dict[str, list]] = {}
+    if judge is not None:
+        pairs = [(name, k, j) for name in names for k in order for j in range(len(sets[k]))]
+        log.print(f"judge {Path(judge).name}: classifying {len(pairs)} answers")
+        try:
+            verdicts = model_judge(judge, [sets[k][j].text for _, k, j in pairs],
+                                   [answers[name][k][j] for name, k, j in pairs], n_parallel=n_parallel, threads=threads)
+        except Exception as e:  # llama.cpp / transformers failure on the judge model
+            from ..llama_logits import LlamaCallError
+            if isinstance(e, LlamaCallError):
+                raise InputError(f"llama.cpp could not run judge {judge}: {str(e).splitlines()[-1].strip()}") from None
+            raise
+        for (name, k, _), v in zip(pairs, verdicts):
+            mj.setdefault(name, {}).setdefault(k, []).append(v)
+        a = agreement([kw[name][k][j] for name, k, j in pairs], [v.refused for v in verdicts])
+        report["judge"]["agreement"] = dict(a.__dict__, a="keyword", b=f"model:{Path(judge).name}")
+
+    # ---- metrics
+    for v in report["variants"]:
+        name = v["name"]
+        prim = {k: ([x.refused for x in mj[name][k]] if judge is not None else kw[name][k]) for k in order}
+        for k in ("harmful", "overrefusal"):
+            if k in sets:
+                v[k] = {"n": len(sets[k]), "refusal": M.refusal_rate(prim[k]),
+                        "refusal_keyword": M.refusal_rate(kw[name][k]),
+                        "refusal_model": M.refusal_rate([x.refused for x in mj[name][k]]) if judge is not None else None}
+        if "benign" in sets:
+            h = M.helpfulness(answers[name]["benign"], prim["benign"], ref_answers)
+            v["benign"] = {"n": len(sets["benign"]), "answered": h.answered, "rouge_l": h.rouge_l, "token_f1": h.token_f1,
+                           "answered_keyword": 1.0 - M.refusal_rate(kw[name]["benign"])}
+        v["answers"] = {k: [{"prompt": sets[k][j].text, "answer": answers[name][k][j], "refused_keyword": kw[name][k][j],
+                             **({"refused_model": mj[name][k][j].refused, "p_refuse_model": round(mj[name][k][j].p_refuse, 4)}
+                                if judge is not None else {})}
+                            for j in range(len(sets[k]))] for k in order}
+
+    # ---- perplexity / KLD on benign text against the reference
+    if kld and reference is not None and "benign" in sets and "gguf" in kinds:
+        _perplexity(report, Path(reference), ref_kind, sets["benign"], ref_answers or [], models, kinds, threads, log)
+    elif kld and reference is not None and "benign" not in sets:
+        report["notes"].append("KLD needs --benign (the text it is measured on)")
+    return report
+
+
+def _perplexity(report: dict, reference: Path, ref_kind: str, benign: list[Prompt], ref_answers: list[str],
+                models: list[Path], kinds: list[str], threads: int, log: Console) -> None:
+    from ..llama_logits import LlamaCallError, tokenize
+    from . import metrics as M
+
+    with tempfile.TemporaryDirectory(prefix="qrealign-eval-kld-") as d:
+        ref_gguf = reference
+        if ref_kind == "hf":
+            from ..convert import ConvertOptions, convert
+            log.print(f"reference {reference.name}: converting to a temporary F32 GGUF for the KLD base")
+            ref_gguf = Path(d) / "reference.f32.gguf"
+            try:
+                convert(reference, ref_gguf, ConvertOptions(outtype="F32", threads=threads))
+            except InputError as e:
+                report["notes"].append(f"KLD skipped: cannot convert reference to GGUF ({e})")
+                return
+        text = "\n\n".join(p.text + ("\n" + a if a else "") for p, a in
+                           zip(benign, ref_answers or [""] * len(benign)))
+        tf = Path(d) / "benign.txt"
+        tf.write_text(text, encoding="utf-8")
+        try:
+            n_ctx = M.choose_ctx(len(tokenize(ref_gguf, text, add_special=False)))
+            log.print(f"KLD: reference logits on {tf.stat().st_size} bytes of benign text (n_ctx {n_ctx})")
+            base = Path(d) / "base.kld"
+            ref_ppl = M.kld_base(ref_gguf, tf, base, n_ctx, threads=threads)
+        except (M.PerplexityError, LlamaCallError) as e:  # report it, keep the other metrics
+            report["notes"].append(f"KLD skipped: {str(e).splitlines()[0]}")
+            return
+        report["kld"] = {"reference": str(reference), "text": "benign prompts + reference answers", "n_ctx": n_ctx,
+                         "reference_ppl": ref_ppl}
+        for v, m, kind in zip(report["variants"], models, kinds):
+            if kind != "gguf":
+                v["ppl"] = v["kld"] = None
+                continue
+            log.print(f"KLD: {v['name']}")
+            try:
+                r = M.kld_variant(m, base, n_ctx, threads=threads)
+                v.update(ppl=r.ppl, ppl_base=r.ppl_base, kld=r.kld, kld_unc=r.kld_unc)
+            except M.PerplexityError as e:
+                v["ppl"] = v["kld"] = None
+                report["notes"].append(f"KLD for {v['name']} failed: {str(e).splitlines()[-1].strip()}")
+
+
+# -- typer command --------------------------------------------------------------------------------
+def eval_command(
+    models: List[Path] = typer.Argument(..., help="GGUF files and/or Hugging Face model directories to evaluate"),
+    harmful: Optional[Path] = typer.Option(None, "--harmful", help="harmful prompts (.jsonl/.txt): refusal rate"),
+    benign: Optional[Path] = typer.Option(None, "--benign", help="benign prompts: answered rate, agreement with --reference, PPL/KLD text"),
+    overrefusal: Optional[Path] = typer.Option(None, "--overrefusal", help="safe prompts with alarming words: over-refusal rate"),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="reference model (.gguf or HF dir), e.g. the fine-tuned full-precision model: benign answers to agree with, KLD base"),
+    judge: Optional[Path] = typer.Option(None, "--judge", help="aligned model (.gguf or HF dir) used as refusal classifier next to the keyword judge"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="greedy tokens per answer"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="use only the first N prompts of each set"),
+    n_parallel: int = typer.Option(8, "--n-parallel", help="sequences decoded together (llama.cpp) / batch size (HF)"),
+    threads: int = typer.Option(0, "--threads", "-t", help="CPU threads (0 = all cores)"),
+    no_kld: bool = typer.Option(False, "--no-kld", help="skip perplexity / KL divergence"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG plot"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the full report (with every answer) as JSON"),
+) -> None:
+    """Evaluate refusal, over-refusal, helpfulness and KLD of GGUF / HF models (greedy, chat template)."""
+    from ..cli import _run
+    from .report import plot_report, print_table, write_json
+
+    out = Console()
+
+    def work() -> None:
+        for p in (plot, json_out):
+            if p is not None and p.exists() and p.is_dir():
+                raise InputError(f"{p} is a directory; give a file name")
+        t0 = time.perf_counter()
+        report = run_eval(models, harmful, benign, overrefusal, reference, judge, max_new_tokens, limit, n_parallel,
+                          threads, kld=not no_kld)
+        report["settings"]["seconds"] = round(time.perf_counter() - t0, 1)
+        print_table(report, out)
+        if json_out is not None:
+            out.print(f"wrote {write_json(report, json_out)}")
+        if plot is not None:
+            out.print(f"wrote {plot_report(report, plot)}")
+
+    _run(work)

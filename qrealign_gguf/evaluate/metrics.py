@@ -1,0 +1,170 @@
+"""Evaluation metrics.
+
+refusal_rate        fraction of answers a judge calls refusals (harmful prompts: higher is safer; the
+                    over-refusal set of safe prompts with alarming words: lower is better, compare with the
+                    aligned model, which over-refuses too)
+helpfulness         on benign prompts: `answered` = fraction NOT judged a refusal, and agreement with a reference
+                    answer set (normally the fine-tuned full-precision model's own greedy answers, i.e. "did
+                    quantization/realignment keep the fine-tuned behaviour on ordinary requests"):
+                    ROUGE-L F1 over lower-cased word/number tokens (longest common subsequence; order-aware,
+                    1.0 = identical token sequence), averaged over prompts; token-level F1 (bag of tokens,
+                    SQuAD style) is reported alongside.
+perplexity_kld      the pinned llama-perplexity on benign text: `--kl-divergence-base` on the reference GGUF,
+                    then `--kl-divergence` per variant; parses "Mean PPL(Q)", "Mean PPL(base)", "Mean KLD".
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from ..llama_runtime import LlamaBuild, find_llama
+
+_TOKEN = re.compile(r"[a-z0-9]+")
+
+
+def refusal_rate(verdicts: Sequence[bool]) -> float:
+    return sum(bool(v) for v in verdicts) / len(verdicts) if verdicts else float("nan")
+
+
+def words(text: str) -> list[str]:
+    return _TOKEN.findall(text.lower())
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+    if not a or not b:
+        return 0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b, 1):
+            cur.append(prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 (beta = 1) over words(); two empty texts agree (1.0), one empty gives 0.0."""
+    c, r = words(candidate), words(reference)
+    if not c and not r:
+        return 1.0
+    lcs = _lcs(c, r)
+    if lcs == 0:
+        return 0.0
+    p, rec = lcs / len(c), lcs / len(r)
+    return 2 * p * rec / (p + rec)
+
+
+def token_f1(candidate: str, reference: str) -> float:
+    """SQuAD-style bag-of-words F1 over words()."""
+    c, r = words(candidate), words(reference)
+    if not c and not r:
+        return 1.0
+    common = sum((Counter(c) & Counter(r)).values())
+    if common == 0:
+        return 0.0
+    p, rec = common / len(c), common / len(r)
+    return 2 * p * rec / (p + rec)
+
+
+@dataclass
+class Helpfulness:
+    answered: float  # fraction of benign prompts not judged refusals
+    rouge_l: float | None  # mean ROUGE-L F1 vs reference answers (None without a reference)
+    token_f1: float | None
+
+
+def helpfulness(answers: Sequence[str], refused: Sequence[bool], reference: Sequence[str] | None = None) -> Helpfulness:
+    answered = 1.0 - refusal_rate(refused)
+    if reference is None:
+        return Helpfulness(answered, None, None)
+    if len(reference) != len(answers):
+        raise ValueError("reference answers and answers differ in length")
+    n = max(len(answers), 1)
+    return Helpfulness(answered, sum(rouge_l(a, r) for a, r in zip(answers, reference)) / n,
+                       sum(token_f1(a, r) for a, r in zip(answers, reference)) / n)
+
+
+# -- perplexity / KL divergence (pinned llama-perplexity) ------------------------------------------
+class PerplexityError(RuntimeError):
+    pass
+
+
+@dataclass
+class PPLResult:
+    ppl: float  # Mean PPL(Q): the variant's perplexity on the text
+    ppl_base: float | None  # Mean PPL(base): the reference's
+    kld: float  # Mean KLD(base || variant) per token, nats
+    kld_unc: float | None
+    n_ctx: int
+
+
+_NUM = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf)"
+
+
+def parse_perplexity_output(text: str) -> dict[str, float]:
+    """Pull the summary numbers out of llama-perplexity --kl-divergence output."""
+    out: dict[str, float] = {}
+    for key, pat in (("ppl", r"Mean PPL\(Q\)\s*:\s*" + _NUM), ("ppl_base", r"Mean PPL\(base\)\s*:\s*" + _NUM),
+                     ("kld", r"Mean\s+KLD:\s*" + _NUM + r"(?:\s*±\s*" + _NUM + ")?"),
+                     ("final_ppl", r"Final estimate: PPL = " + _NUM)):
+        m = re.search(pat, text)
+        if m:
+            out[key] = float(m.group(1))
+            if key == "kld" and m.group(2):
+                out["kld_unc"] = float(m.group(2))
+    if "kld" not in out:  # under 100 scored tokens llama-perplexity prints no summary: use the last running row
+        rows = _KLD_ROW.findall(text)
+        if rows:
+            r = rows[-1]
+            out.update(ppl=float(r[1]), kld=float(r[5]), kld_unc=float(r[6]))
+    return out
+
+
+# "  6    41220.7833 ± 2625.0880   0.00215 ± 0.00080   0.00003 ± 0.00000   0.000 ± 0.000 %   98.889 ± 1.111 %"
+_KLD_ROW = re.compile(r"^\s*(\d+)\s+" + r"\s+".join([_NUM + r"\s*±\s*" + _NUM] * 3) + r"\s+[-\d.]+\s*±", re.M)
+
+
+def choose_ctx(n_tokens: int) -> int:
+    """llama-perplexity needs >= 2 chunks of n_ctx tokens; prefer 256-token chunks, shrink for short texts."""
+    for c in (256, 128, 64, 32):
+        if n_tokens >= 4 * c or (c == 32 and n_tokens >= 2 * c):
+            return c
+    raise PerplexityError(f"benign text has only {n_tokens} tokens; llama-perplexity needs at least 64")
+
+
+def _run(cmd: list[str], build: LlamaBuild) -> str:
+    res = subprocess.run(cmd, capture_output=True, text=True, env=build.env(), errors="replace")
+    text = res.stdout + "\n" + res.stderr
+    if res.returncode != 0:
+        tail = "\n".join(text.strip().splitlines()[-8:])
+        raise PerplexityError(f"{Path(cmd[0]).name} failed (exit {res.returncode}):\n{tail}")
+    return text
+
+
+def kld_base(reference_gguf: str | Path, text_file: str | Path, base_file: str | Path, n_ctx: int, *,
+             threads: int = 0, build: LlamaBuild | None = None) -> float | None:
+    """Reference logits for the KL runs (llama-perplexity --kl-divergence-base); returns the reference's PPL."""
+    b = build or find_llama()
+    cmd = [str(b.bin("llama-perplexity")), "-m", str(reference_gguf), "-f", str(text_file), "-c", str(n_ctx),
+           "-b", str(n_ctx), "--kl-divergence-base", str(base_file), "-ngl", "0"]
+    if threads > 0:
+        cmd += ["-t", str(threads)]
+    return parse_perplexity_output(_run(cmd, b)).get("final_ppl")
+
+
+def kld_variant(variant_gguf: str | Path, base_file: str | Path, n_ctx: int, *, threads: int = 0,
+                build: LlamaBuild | None = None) -> PPLResult:
+    """PPL and mean KL divergence of a variant against the stored reference logits (same vocab required)."""
+    b = build or find_llama()
+    cmd = [str(b.bin("llama-perplexity")), "-m", str(variant_gguf), "--kl-divergence-base", str(base_file),
+           "--kl-divergence", "-c", str(n_ctx), "-b", str(n_ctx), "-ngl", "0"]
+    if threads > 0:
+        cmd += ["-t", str(threads)]
+    vals = parse_perplexity_output(_run(cmd, b))
+    if "ppl" not in vals or "kld" not in vals:
+        raise PerplexityError(f"could not find Mean PPL(Q) / Mean KLD in llama-perplexity output for {variant_gguf}")
+    return PPLResult(vals["ppl"], vals.get("ppl_base"), vals["kld"], vals.get("kld_unc"), n_ctx)

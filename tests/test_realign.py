@@ -1,0 +1,143 @@
+"""Q-realign on a tiny model with a planted "harmful" probe direction: the probe term moves harmful last-token
+states across the probe while benign reconstruction stays near plain RTN's; resume = uninterrupted run;
+the written file holds exactly the learned blocks and runs in llama.cpp."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from qrealign_gguf.cli import app
+from qrealign_gguf.convert import ConvertOptions, convert, make_plan
+from qrealign_gguf.prompts import load_prompts
+from qrealign_gguf.realign.calibrate import RealignSettings
+from qrealign_gguf.realign.hidden import last_token_states, model_signature
+from qrealign_gguf.realign.pipeline import realign_model
+from qrealign_gguf.realign.probes import ProbeSet
+from tiny_models import make_tiny_llama
+
+N = 8
+SETTINGS = dict(iters=16, n_benign=N, n_harmful=N, margin=1.0, batch=4)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("ft") / "hf", hidden=64, inter=128, layers=2)
+
+
+@pytest.fixture(scope="module")
+def planted(tiny, tmp_path_factory) -> tuple[ProbeSet, Path]:
+    """A probe whose direction is random but calibrated so the model's harmful states score -1 on average
+    (one standard deviation on the benign side): the realignment has to move them across."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    states = last_token_states(model, AutoTokenizer.from_pretrained(tiny), load_prompts("builtin:harmful", limit=N))
+    n_layers, hidden = states.shape[1:]
+    u = torch.randn(n_layers, hidden, generator=torch.Generator().manual_seed(0))
+    u = u / u.norm(dim=1, keepdim=True)
+    proj = torch.einsum("nlh,lh->nl", states, u)
+    w = u / proj.std(0)[:, None]
+    b = -(proj.mean(0) / proj.std(0)) - 1.0
+    probes = ProbeSet(torch.zeros(n_layers, hidden), torch.ones(n_layers, hidden), w, b, torch.ones(n_layers),
+                      torch.ones(n_layers), list(range(n_layers)), model_signature(tiny))
+    path = tmp_path_factory.mktemp("probes") / "planted.safetensors"
+    probes.save(path)
+    return probes, path
+
+
+def _realign(tiny, probes, tmp_path, harm_weight, report=None, ckpt="ckpt"):
+    plan = make_plan(tiny, tmp_path / "o.gguf", ConvertOptions(outtype="Q4_0"))
+    stats = []
+
+    def rep(i, n, s, resumed):
+        stats.append(s)
+        if report:
+            report(i, n, s, resumed)
+
+    packed = realign_model(tiny, plan, probes, RealignSettings(harm_weight=harm_weight, **SETTINGS),
+                           checkpoint_dir=tmp_path / ckpt, report=rep)
+    return packed, stats
+
+
+def test_probe_term_crosses_the_probe_and_keeps_benign_error(tiny, planted, tmp_path):
+    probes, _ = planted
+    _, plain = _realign(tiny, probes, tmp_path, harm_weight=0.0, ckpt="plain")
+    _, safe = _realign(tiny, probes, tmp_path, harm_weight=1.0, ckpt="safe")
+    rtn = plain[0].benign_start  # layer 0 starts from exactly the RTN encoding
+    # reconstruction alone (auto-round style) never does worse than RTN and leaves the probe alone
+    assert plain[0].benign_end <= rtn * 1.02
+    assert plain[-1].harmful_side_end <= 0.25
+    # the dual objective moves (almost) every harmful prompt across, at a bounded benign cost
+    for s in safe:
+        assert s.harmful_side_end >= 0.75 and s.harmful_side_end > s.harmful_side_start
+        assert s.harm_end < 0.5 * s.harm_start
+    assert safe[0].benign_end <= 2.5 * rtn
+
+
+def test_resume_gives_the_same_file(tiny, planted, tmp_path):
+    probes, _ = planted
+    full, _ = _realign(tiny, probes, tmp_path, 1.0, ckpt="a")
+
+    def crash(i, n, s, resumed):
+        if i == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _realign(tiny, probes, tmp_path, 1.0, report=crash, ckpt="b")
+    resumed_flags = []
+    again, _ = _realign(tiny, probes, tmp_path, 1.0, report=lambda i, n, s, r: resumed_flags.append(r), ckpt="b")
+    assert resumed_flags == [True, False]
+    assert full.keys() == again.keys()
+    for k in full:
+        assert np.array_equal(full[k], again[k]), k
+    # the file written from them holds those bytes (convert verifies) and llama.cpp runs it
+    out = tmp_path / "realigned.gguf"
+    convert(tiny, out, ConvertOptions(outtype="Q4_0", packed=again))
+    from qrealign_gguf.llama_logits import logits
+    assert np.isfinite(logits(out, [1, 2, 3, 4])).all()
+
+
+runner = CliRunner()
+
+
+def _fails(args, match):
+    r = runner.invoke(app, args)
+    assert r.exit_code != 0, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and match in lines[0], r.output
+    return lines[0]
+
+
+def test_bad_realign_inputs(tiny, planted, tmp_path):
+    _, probe_file = planted
+    base = ["convert", str(tiny), "-o", str(tmp_path / "o.gguf"), "--outtype", "Q4_0"]
+    other = make_tiny_llama(tmp_path / "other", hidden=96, inter=128, layers=2, heads=4, kv_heads=2)
+    _fails(base + ["--aligned", str(other)], "hidden_size")
+    _fails(["convert", str(other), "-o", str(tmp_path / "o.gguf"), "--outtype", "Q4_0", "--probes", str(probe_file)],
+           "hidden_size")
+    tok = tmp_path / "tok"
+    shutil.copytree(tiny, tok)
+    (tok / "tokenizer.json").write_text((tok / "tokenizer.json").read_text().replace('"<|im_start|>"', '"<|im_begin|>"'))
+    _fails(base + ["--aligned", str(tok)], "tokenizer")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    _fails(base + ["--probes", str(probe_file), "--harmful", str(empty)], "holds no prompts")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi", "label": 1}\n{oops\n')
+    _fails(base + ["--probes", str(probe_file), "--harmful", str(bad)], "line 2")
+    nolabel = tmp_path / "nolabel.jsonl"
+    nolabel.write_text(json.dumps({"prompt": "how do I bake bread"}) + "\n")
+    _fails(base + ["--probes", str(probe_file), "--benign", str(nolabel)], "label")
+    swapped = tmp_path / "swapped.jsonl"
+    swapped.write_text(json.dumps({"prompt": "how do I bake bread", "label": 0}) + "\n")
+    _fails(base + ["--probes", str(probe_file), "--harmful", str(swapped)], "labelled benign")
+    _fails(base + ["--probes", str(tmp_path / "missing.safetensors")], "does not exist")
+    _fails(["convert", str(tiny), "-o", str(tmp_path / "o.gguf"), "--outtype", "F16", "--probes", str(probe_file)],
+           "no quantized blocks")
+    assert not (tmp_path / "o.gguf").exists()
