@@ -101,10 +101,8 @@ def make_plan(model_dir: str | Path, output: str | Path, opts: ConvertOptions) -
     family = family_for(model)
     family.validate()
     sources = list(family.tensors())
-    cfg = model.cfg
     types = plan_types(outtype, [PlanInput(s.name, s.shape) for s in sources], n_layer=family.n_layers,
-                       n_head=int(cfg("num_attention_heads")),
-                       n_head_kv=int(cfg("num_key_value_heads", "num_attention_heads")),
+                       n_head=family.n_head, n_head_kv=family.n_head_kv,
                        has_imatrix=opts.imatrix is not None or opts.importance is not None, pure=opts.pure)
     tensors = [PlannedTensor(s, types[s.name], _nbytes(types[s.name], s.shape)) for s in sources]
     out = Path(output)

@@ -157,9 +157,10 @@ def _sentencepiece_vocab(spm_file: Path, vocab_size: int) -> Vocab:
         proto.ParseFromString(spm_file.read_bytes())
     except Exception as e:
         raise InputError(f"{spm_file} is not a SentencePiece model ({e})") from None
-    if proto.trainer_spec.model_type not in (pb.TrainerSpec.BPE, pb.TrainerSpec.UNIGRAM):
-        raise InputError(f"{spm_file}: SentencePiece model type {proto.trainer_spec.model_type} is not supported "
-                         "(llama.cpp's 'llama' tokenizer handles BPE and unigram pieces)")
+    if proto.trainer_spec.model_type != pb.TrainerSpec.BPE:
+        kind = pb.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type)
+        raise InputError(f"{spm_file}: SentencePiece model type {kind} is not supported (llama.cpp's 'llama' "
+                         "tokenizer reproduces BPE models only)")
     pieces = list(proto.pieces)
     if len(pieces) > vocab_size:
         raise InputError(f"{spm_file} has {len(pieces)} pieces but the model has only {vocab_size} embedding rows")

@@ -43,6 +43,18 @@ class ModelFamily(ABC):
     def n_layers(self) -> int:
         return int(self.model.cfg("num_hidden_layers", "n_layers"))
 
+    @property
+    def n_head(self) -> int:
+        return int(self.model.cfg("num_attention_heads"))
+
+    @property
+    def n_head_kv(self) -> int:
+        return int(self.model.cfg("num_key_value_heads", "num_attention_heads"))
+
+    def transform(self, name: str, x: np.ndarray) -> np.ndarray:
+        """Exact value changes llama.cpp's graph expects for GGUF tensor `name` (identity by default)."""
+        return x
+
     @abstractmethod
     def add_metadata(self, w: gguf.GGUFWriter) -> None:
         """Write general.*, <arch>.* hparams and tokenizer.* keys."""

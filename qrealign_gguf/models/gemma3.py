@@ -2,7 +2,8 @@
 Gemma3ForConditionalGeneration (vision tower and projector are left out; the GGUF is text-only).
 
 On top of the Gemma rules (gemma2.py): query/key norms (also 1 + w), no attention soft-capping (refused if
-set), optional final soft-capping (Gemma3ForCausalLM only: HF's ConditionalGeneration head skips it), sliding layers with their own rope base (rope_freq_base_swa, no scaling:
+set), optional final soft-capping (Gemma3ForCausalLM only: HF's ConditionalGeneration head
+skips it), sliding layers with their own rope base (rope_freq_base_swa, no scaling:
 llama.cpp fixes the sliding layers' scale to 1) and the global layers' rope scaling (linear for 4B+).
 """
 from __future__ import annotations
