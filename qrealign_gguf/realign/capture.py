@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .hidden import decoder_layers
+from .hidden import decoder, decoder_layers
 
 _DROP = ("past_key_values", "past_key_value", "use_cache", "output_attentions")
 
@@ -57,7 +57,7 @@ def capture(model, ids: list[list[int]], quantized_embedding: torch.Tensor | Non
     hs.append(layers[-1].register_forward_hook(post))
     try:
         for seq in ids:
-            model(torch.tensor([seq], device=device), use_cache=False)
+            decoder(model)(torch.tensor([seq], device=device), use_cache=False)
     finally:
         for h in hs:
             h.remove()
@@ -77,7 +77,7 @@ def capture(model, ids: list[list[int]], quantized_embedding: torch.Tensor | Non
             emb.weight.data = quantized_embedding.to(saved.device, saved.dtype)
             for seq in ids:
                 try:
-                    model(torch.tensor([seq], device=device), use_cache=False)
+                    decoder(model)(torch.tensor([seq], device=device), use_cache=False)
                 except _Stop:
                     pass
         finally:

@@ -26,12 +26,18 @@ def template_fingerprint(tok) -> str:  # noqa: ANN001
     return hashlib.sha256(src.encode()).hexdigest()[:16]
 
 
-def decoder_layers(model) -> torch.nn.ModuleList:  # noqa: ANN001 - HF causal LM
+def decoder(model) -> torch.nn.Module:  # noqa: ANN001 - HF causal LM
+    """The decoder stack without the LM head: hidden states are all we need, and the head (vocab x hidden)
+    would cost as much as several layers per token."""
     inner = getattr(model, "model", model)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
+    inner = getattr(inner, "language_model", inner)  # multimodal wrappers (gemma3)
+    if getattr(inner, "layers", None) is None:
         raise ValueError(f"{type(model).__name__}: no decoder layer list found")
-    return layers
+    return inner
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:  # noqa: ANN001 - HF causal LM
+    return decoder(model).layers
 
 
 @torch.inference_mode()
@@ -53,7 +59,7 @@ def last_token_states(model, tok, prompts: list[Prompt], max_tokens: int = 256, 
     try:
         for n, p in enumerate(prompts):
             ids = chat_ids(tok, p.text, max_tokens)
-            model(torch.tensor([ids], device=device), use_cache=False)
+            decoder(model)(torch.tensor([ids], device=device), use_cache=False)
             rows.append(torch.stack(grabbed))
             if progress:
                 progress(n + 1, len(prompts))

@@ -1,0 +1,87 @@
+"""The Q-realign experiment on the testbed: every variant converted, then evaluated in llama.cpp on dev_* prompts.
+
+    .venv/bin/python tools/realign_experiment.py --aligned A_DIR --finetuned F_DIR --out DIR [--probes P]
+
+Variants: aligned F16, fine-tuned F16, fine-tuned RTN Q8_0 / Q4_K_M, fine-tuned imatrix Q4_K_M, realigned
+Q8_0 / Q4_K_M. Each conversion's wall time and peak RSS are measured as a separate process; evaluation uses
+dev_harmful / dev_overrefusal / dev_benign (never seen by probes or calibration), the fine-tuned F16 file as
+helpfulness and KLD reference and the aligned F16 file as the second refusal judge. Results go to
+DIR/results.json and a markdown table on stdout. Finished steps are reused when rerun.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = str(ROOT / ".venv" / "bin" / "qrealign-gguf")
+DATA = ROOT.parent / "shared" / "data"
+
+
+def timed(cmd: list[str], log: Path) -> dict[str, float]:
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        p = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+        _, status, ru = os.wait4(p.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{log.read_text()[-3000:]}")
+    return {"wall_s": round(time.perf_counter() - t0, 1), "peak_rss_mib": round(ru.ru_maxrss / 1024)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--aligned", type=Path, required=True)
+    ap.add_argument("--finetuned", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--probes", type=Path, help="default: fit on --aligned into OUT/probes.safetensors")
+    ap.add_argument("--realign-args", default="", help="extra convert options for the realigned variants")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--limit", type=int)
+    ap.add_argument("--only", nargs="*", help="variant names to (re)build")
+    a = ap.parse_args()
+    out = a.out
+    out.mkdir(parents=True, exist_ok=True)
+    probes = a.probes or out / "probes.safetensors"
+    if not probes.exists():
+        timed([CLI, "probe", str(a.aligned), "-o", str(probes), "--plot", str(out / "probes.png")], out / "probe.log")
+    imatrix = out / "finetuned.imatrix.gguf"
+    extra = a.realign_args.split()
+    variants = {
+        "aligned-F16": [str(a.aligned), "--outtype", "F16"],
+        "finetuned-F16": [str(a.finetuned), "--outtype", "F16"],
+        "finetuned-RTN-Q8_0": [str(a.finetuned), "--outtype", "Q8_0"],
+        "finetuned-RTN-Q4_K_M": [str(a.finetuned), "--outtype", "Q4_K_M"],
+        "finetuned-imatrix-Q4_K_M": [str(a.finetuned), "--outtype", "Q4_K_M", "--calib", "builtin:benign",
+                                     "--calib-samples", "64", "--save-imatrix", str(imatrix)],
+        "realigned-Q8_0": [str(a.finetuned), "--outtype", "Q8_0", "--probes", str(probes), *extra],
+        "realigned-Q4_K_M": [str(a.finetuned), "--outtype", "Q4_K_M", "--probes", str(probes), *extra],
+    }
+    costs_file = out / "conversions.json"
+    costs = json.loads(costs_file.read_text()) if costs_file.exists() else {}
+    for name, args in variants.items():
+        f = out / f"{name}.gguf"
+        if f.exists() and not (a.only and name in a.only):
+            continue
+        print(f"converting {name}", flush=True)
+        costs[name] = timed([CLI, "convert", *args, "-o", str(f), "--force"], out / f"{name}.log")
+        costs_file.write_text(json.dumps(costs, indent=1))
+    files = [str(out / f"{n}.gguf") for n in variants]
+    report = out / "report.json"
+    cmd = [CLI, "eval", *files, "--harmful", str(DATA / "dev_harmful.jsonl"),
+           "--overrefusal", str(DATA / "dev_overrefusal.jsonl"), "--benign", str(DATA / "dev_benign.jsonl"),
+           "--reference", str(out / "finetuned-F16.gguf"), "--judge", str(out / "aligned-F16.gguf"),
+           "--max-new-tokens", str(a.max_new_tokens), "--json", str(report), "--plot", str(out / "report.png")]
+    if a.limit:
+        cmd += ["--limit", str(a.limit)]
+    print("evaluating", flush=True)
+    subprocess.run(cmd, check=True)
+    print(json.dumps(costs, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
