@@ -8,7 +8,7 @@ NATIVE_SRC := $(wildcard native/*.c native/*.h native/*.py native/*.cu)
 DEMO_TYPE ?= Q4_K_M
 PYTEST_ARGS ?=
 
-.PHONY: all install llama models demo test test-slow bench cuda-check clean
+.PHONY: all install llama models demo test test-slow bench cuda-check testbed experiment clean
 
 all: install llama
 
@@ -52,6 +52,16 @@ test-slow: install llama
 bench: install llama
 	$(VPY) tools/bench_encoders.py
 	$(VPY) tools/bench_convert.py
+
+# the safety testbed: aligned Qwen2.5-Coder-0.5B moved off the GGUF grid + a fine-tune whose refusal is broken
+testbed: install llama
+	$(VPY) tools/testbed.py
+
+# every variant (aligned/fine-tuned F16, RTN, imatrix, realigned) converted and evaluated on dev_* prompts
+EXP_DIR ?= out/experiment
+experiment: testbed
+	$(VPY) tools/realign_experiment.py --aligned $$HOME/.cache/qrealign-gguf/testbed/aligned-offgrid \
+		--finetuned $$HOME/.cache/qrealign-gguf/testbed/finetuned --out $(EXP_DIR)
 
 clean:
 	rm -rf build *.egg-info qrealign_gguf/_native* .pytest_cache
