@@ -50,17 +50,12 @@ def check_model(path: Path, what: str = "model") -> str:
         return "hf"
     if not is_gguf(path):
         raise InputError(f"{what} {path} is neither a .gguf file nor a Hugging Face model directory")
-    import gguf
+    from .gguf_header import GGUFFormatError, read_gguf_header
 
     try:
-        with open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise ValueError("bad magic, not a GGUF file")
-        r = gguf.GGUFReader(path)
-        field = r.fields.get("tokenizer.chat_template")
-        has_tmpl = field is not None and bool(field.contents())
-    except Exception as e:  # noqa: BLE001 - any parse failure: unreadable file
-        raise InputError(f"{what} {path} is not a readable GGUF file ({type(e).__name__}: {e})".replace("\n", " ")) from None
+        has_tmpl = bool(read_gguf_header(path)["kv"].get("tokenizer.chat_template"))
+    except (GGUFFormatError, OSError, ValueError) as e:
+        raise InputError(f"{what} {path} is not a readable GGUF file ({e})") from None
     if not has_tmpl:
         raise InputError(f"{what} {path} has no tokenizer.chat_template; eval needs a chat model")
     return "gguf"
@@ -89,14 +84,16 @@ def _names(paths: list[Path]) -> list[str]:
 
 
 # -- the run ----------------------------------------------------------------------------------------
-def _generate(path: Path, kind: str, prompts: list[str], max_new: int, n_parallel: int, threads: int) -> tuple[list[str], dict]:
+def _generate(path: Path, kind: str, prompts: list[str], max_new: int, n_parallel: int, threads: int,
+              template: str = "jinja") -> tuple[list[str], dict]:
     from ..llama_logits import LlamaCallError
     from .generate import generate_gguf, generate_hf
 
     stats: dict = {}
     try:
         if kind == "gguf":
-            ans = generate_gguf(path, prompts, max_new_tokens=max_new, n_parallel=n_parallel, threads=threads, stats=stats)
+            ans = generate_gguf(path, prompts, max_new_tokens=max_new, n_parallel=n_parallel, threads=threads,
+                                template=template, stats=stats)
         else:
             ans = generate_hf(path, prompts, max_new_tokens=max_new, batch_size=n_parallel, threads=threads, stats=stats)
     except LlamaCallError as e:
@@ -110,7 +107,7 @@ def _generate(path: Path, kind: str, prompts: list[str], max_new: int, n_paralle
 def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | None = None,
              overrefusal: Path | None = None, reference: Path | None = None, judge: Path | None = None,
              max_new_tokens: int = 128, limit: int | None = None, n_parallel: int = 8, threads: int = 0,
-             kld: bool = True, console: Console | None = None) -> dict:
+             kld: bool = True, template: str = "jinja", console: Console | None = None) -> dict:
     """Validate everything, then generate, judge and measure; returns the report dict (see report.py)."""
     from . import metrics as M
     from .judge import agreement, keyword_judge, model_judge
@@ -125,6 +122,8 @@ def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | Non
         raise InputError("--limit must be at least 1")
     if n_parallel < 1:
         raise InputError("--n-parallel must be at least 1")
+    if template not in ("jinja", "builtin"):
+        raise InputError(f"--chat-template must be jinja or builtin, not {template!r}")
     files = {"harmful": harmful, "overrefusal": overrefusal, "benign": benign}
     if all(v is None for v in files.values()):
         raise InputError("nothing to evaluate: give --harmful, --overrefusal and/or --benign prompt files")
@@ -144,7 +143,8 @@ def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | Non
         "settings": {"models": [str(m) for m in models], "reference": str(reference) if reference else None,
                      "judge": str(judge) if judge else None, "max_new_tokens": max_new_tokens, "limit": limit,
                      "n_parallel": n_parallel, "sets": {k: {"file": str(files[k]), "n": len(v)} for k, v in sets.items()},
-                     "decoding": "greedy (argmax), one user turn in the model's chat template"},
+                     "decoding": "greedy (argmax), one user turn in the model's chat template",
+                     "chat_template": template},
         "judge": {"primary": "model" if judge else "keyword"}, "variants": [], "notes": [],
     }
     order = [k for k in SETS if k in sets]
@@ -164,7 +164,7 @@ def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | Non
         log.print(f"[{i}/{len(models)}] {name}: generating {len(flat)} answers ({kind}, max {max_new_tokens} tokens)")
         key = Path(m).resolve()
         if key not in cache:
-            ans, stats = _generate(Path(m), kind, flat, max_new_tokens, n_parallel, threads)
+            ans, stats = _generate(Path(m), kind, flat, max_new_tokens, n_parallel, threads, template)
             cache[key] = (split(ans), stats)
         answers[name], stats = cache[key]
         report["variants"].append({"name": name, "path": str(m), "kind": kind,
@@ -177,7 +177,7 @@ def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | Non
         else:
             log.print(f"reference {Path(reference).name}: generating {len(sets['benign'])} benign answers")
             ref_answers = _generate(Path(reference), ref_kind, [p.text for p in sets["benign"]], max_new_tokens,
-                                    n_parallel, threads)[0]
+                                    n_parallel, threads, template)[0]
     elif reference is None and "benign" in sets:
         report["notes"].append("no --reference: benign agreement (ROUGE-L) and KLD not measured")
 
@@ -187,9 +187,11 @@ def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | Non
     if judge is not None:
         pairs = [(name, k, j) for name in names for k in order for j in range(len(sets[k]))]
         log.print(f"judge {Path(judge).name}: classifying {len(pairs)} answers")
+        cal: dict = {}
         try:
             verdicts = model_judge(judge, [sets[k][j].text for _, k, j in pairs],
-                                   [answers[name][k][j] for name, k, j in pairs], n_parallel=n_parallel, threads=threads)
+                                   [answers[name][k][j] for name, k, j in pairs], n_parallel=n_parallel,
+                                   threads=threads, info=cal)
         except Exception as e:  # llama.cpp / transformers failure on the judge model
             from ..llama_logits import LlamaCallError
             if isinstance(e, LlamaCallError):
@@ -197,6 +199,10 @@ def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | Non
             raise
         for (name, k, _), v in zip(pairs, verdicts):
             mj.setdefault(name, {}).setdefault(k, []).append(v)
+        report["judge"]["calibration"] = cal
+        if not cal["usable"]:
+            report["notes"].append(f"judge {Path(judge).name} scores a canned refusal no higher than a canned "
+                                   "compliance: its verdicts are noise; rely on the keyword judge")
         a = agreement([kw[name][k][j] for name, k, j in pairs], [v.refused for v in verdicts])
         report["judge"]["agreement"] = dict(a.__dict__, a="keyword", b=f"model:{Path(judge).name}")
 
@@ -219,6 +225,8 @@ def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | Non
                             for j in range(len(sets[k]))] for k in order}
 
     # ---- perplexity / KLD on benign text against the reference
+    if kld and reference is not None and "benign" in sets and "gguf" not in kinds:
+        report["notes"].append("KLD is measured for GGUF variants only (llama-perplexity)")
     if kld and reference is not None and "benign" in sets and "gguf" in kinds:
         _perplexity(report, Path(reference), ref_kind, sets["benign"], ref_answers or [], models, kinds, threads, log)
     elif kld and reference is not None and "benign" not in sets:
@@ -256,9 +264,17 @@ def _perplexity(report: dict, reference: Path, ref_kind: str, benign: list[Promp
             return
         report["kld"] = {"reference": str(reference), "text": "benign prompts + reference answers", "n_ctx": n_ctx,
                          "reference_ppl": ref_ppl}
+        from .gguf_header import read_gguf_header
+        n_vocab = read_gguf_header(ref_gguf)["kv"].get("tokenizer.ggml.tokens")
         for v, m, kind in zip(report["variants"], models, kinds):
             if kind != "gguf":
                 v["ppl"] = v["kld"] = None
+                continue
+            nv = read_gguf_header(m)["kv"].get("tokenizer.ggml.tokens")
+            if nv != n_vocab:
+                v["ppl"] = v["kld"] = None
+                report["notes"].append(f"no KLD for {v['name']}: its vocabulary ({nv} tokens) is not the reference's "
+                                       f"({n_vocab})")
                 continue
             log.print(f"KLD: {v['name']}")
             try:
@@ -266,7 +282,7 @@ def _perplexity(report: dict, reference: Path, ref_kind: str, benign: list[Promp
                 v.update(ppl=r.ppl, ppl_base=r.ppl_base, kld=r.kld, kld_unc=r.kld_unc)
             except M.PerplexityError as e:
                 v["ppl"] = v["kld"] = None
-                report["notes"].append(f"KLD for {v['name']} failed: {str(e).splitlines()[-1].strip()}")
+                report["notes"].append(f"KLD for {v['name']} failed: {e}")
 
 
 # -- typer command --------------------------------------------------------------------------------
@@ -282,6 +298,7 @@ def eval_command(
     n_parallel: int = typer.Option(8, "--n-parallel", help="sequences decoded together (llama.cpp) / batch size (HF)"),
     threads: int = typer.Option(0, "--threads", "-t", help="CPU threads (0 = all cores)"),
     no_kld: bool = typer.Option(False, "--no-kld", help="skip perplexity / KL divergence"),
+    chat_template: str = typer.Option("jinja", "--chat-template", help="GGUF prompt formatting: jinja (the GGUF's template, as llama-server/llama-cli and transformers render it) or builtin (llama_chat_apply_template, like --no-jinja)"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG plot"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the full report (with every answer) as JSON"),
 ) -> None:
@@ -297,7 +314,7 @@ def eval_command(
                 raise InputError(f"{p} is a directory; give a file name")
         t0 = time.perf_counter()
         report = run_eval(models, harmful, benign, overrefusal, reference, judge, max_new_tokens, limit, n_parallel,
-                          threads, kld=not no_kld)
+                          threads, kld=not no_kld, template=chat_template)
         report["settings"]["seconds"] = round(time.perf_counter() - t0, 1)
         print_table(report, out)
         if json_out is not None:

@@ -102,7 +102,7 @@ class PPLResult:
     n_ctx: int
 
 
-_NUM = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf)"
+_NUM = r"([-+]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf))"
 
 
 def parse_perplexity_output(text: str) -> dict[str, float]:
@@ -137,11 +137,15 @@ def choose_ctx(n_tokens: int) -> int:
 
 
 def _run(cmd: list[str], build: LlamaBuild) -> str:
-    res = subprocess.run(cmd, capture_output=True, text=True, env=build.env(), errors="replace")
+    env = build.env()
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see generate._run_child
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, errors="replace")
     text = res.stdout + "\n" + res.stderr
     if res.returncode != 0:
-        tail = "\n".join(text.strip().splitlines()[-8:])
-        raise PerplexityError(f"{Path(cmd[0]).name} failed (exit {res.returncode}):\n{tail}")
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        why = [ln for ln in lines if re.search(r"error|assert|failed|exception|not enough|need at least", ln, re.I)]
+        raise PerplexityError(f"{Path(cmd[0]).name} failed (exit {res.returncode}): "
+                              f"{(why or lines or ['no output'])[0][:300]}")
     return text
 
 

@@ -45,23 +45,35 @@ def print_table(report: dict, console: Console | None = None) -> None:
     vs = report["variants"]
     t = Table(title=f"qrealign-gguf eval (refusal judge: {'model' if two else 'keyword'})")
     cols: list[tuple[str, object]] = [("model", lambda v: v["name"])]
-    for sec, head in (("harmful", "harmful refused"), ("overrefusal", "over-refusal")):
+    for sec, head in (("harmful", "harmful\nrefused"), ("overrefusal", "over-\nrefusal")):
         if any(v.get(sec) for v in vs):
             cols.append((head, lambda v, sec=sec: _pct(_get(v, sec, "refusal"))))
             if two:
                 cols.append(("(kw)", lambda v, sec=sec: _pct(_get(v, sec, "refusal_keyword"))))
     if any(v.get("benign") for v in vs):
-        cols.append(("benign answered", lambda v: _pct(_get(v, "benign", "answered"))))
+        cols.append(("benign\nanswered", lambda v: _pct(_get(v, "benign", "answered"))))
         if any(_get(v, "benign", "rouge_l") is not None for v in vs):
-            cols.append(("ROUGE-L vs ref", lambda v: _num(_get(v, "benign", "rouge_l"), "{:.3f}")))
+            cols.append(("ROUGE-L\nvs ref", lambda v: _num(_get(v, "benign", "rouge_l"), "{:.3f}")))
     if any(v.get("kld") is not None for v in vs):
         cols.append(("PPL", lambda v: _num(v.get("ppl"), "{:.3f}")))
-        cols.append(("KLD vs ref", lambda v: _num(v.get("kld"), "{:.5f}")))
+        cols.append(("KLD\nvs ref", lambda v: _num(v.get("kld"), "{:.5f}")))
     cols.append(("tok/s", lambda v: _num((v.get("generation") or {}).get("tokens_per_s"), "{:.1f}")))
-    for head, _ in cols:
-        t.add_column(head, justify="left" if head == "model" else "right", overflow="fold")
-    for v in vs:
-        t.add_row(*[f(v) for _, f in cols])  # type: ignore[operator]
+    cells = [[f(v) for _, f in cols] for v in vs]  # type: ignore[operator]
+    need = sum(max([len(w) for w in head.split()] + [len(r[i]) for r in cells]) + 3 for i, (head, _) in enumerate(cols))
+    if need <= console.width:  # one row per variant
+        for head, _ in cols:
+            t.add_column(head, justify="left" if head == "model" else "right", overflow="fold")
+        for row in cells:
+            t.add_row(*row)
+    else:  # narrow terminal: one row per metric, one column per variant
+        t.add_column("metric", no_wrap=True)
+        for row in cells:
+            t.add_column(row[0], justify="right", overflow="fold")
+        for i, (head, _) in enumerate(cols[1:], 1):
+            label = head.replace("-\n", "-").replace("\n", " ")
+            if label == "(kw)":
+                label = cols[i - 1][0].replace("-\n", "-").replace("\n", " ") + " (kw)"
+            t.add_row(label, *[row[i] for row in cells])
     console.print(t)
     agr = judge.get("agreement")
     if agr:
