@@ -25,9 +25,13 @@ def _fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _run(fn, *args, **kwargs):  # noqa: ANN001, ANN202 - generic guard
     """One line on any failure; SIGTERM behaves like Ctrl-C so temp files get cleaned up."""
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return fn(*args, **kwargs)
     except InputError as e:
