@@ -19,39 +19,13 @@ size_t qr_row_size(int type, int64_t ncols) {
 
 /* ---- fp16 / bf16 ---------------------------------------------------------------------------- */
 
-static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
-static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
-
-uint16_t qr_f32_to_f16(float f) {
-    uint32_t x = f2u(f), sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
-    if (ax > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);        /* NaN -> quiet NaN */
-    if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);       /* rounds to >= 65520: inf */
-    if (ax < 0x38800000u) {                                         /* result is subnormal or zero */
-        /* exact: the half subnormal grid is 2^-24, so add 0.5 (2^-1) to align and let fp32 RNE round */
-        float r = u2f(ax) + 0.5f;
-        return (uint16_t)(sign | (f2u(r) - 0x3f000000u));
-    }
-    uint32_t mant_odd = (ax >> 13) & 1u;
-    ax += 0xc8000fffu + mant_odd;                                   /* rebias exponent 127->15, RNE */
-    return (uint16_t)(sign | (ax >> 13));
-}
-
-float qr_f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
-    if (e == 0x1f) return u2f(sign | 0x7f800000u | (m << 13));
-    if (e == 0) {                                                   /* subnormal: m * 2^-24 exactly */
-        float v = (float)m * u2f(0x33800000u);
-        return u2f(sign | f2u(v));
-    }
-    return u2f(sign | ((e + 112u) << 23) | (m << 13));
-}
-
+/* the scalar conversions live in qr_hd.h (shared with the CUDA kernels) */
 void qr_fp32_to_fp16(const float *src, uint16_t *dst, int64_t n) { for (int64_t i = 0; i < n; ++i) dst[i] = qr_f32_to_f16(src[i]); }
 void qr_fp16_to_fp32(const uint16_t *src, float *dst, int64_t n) { for (int64_t i = 0; i < n; ++i) dst[i] = qr_f16_to_f32(src[i]); }
 
 void qr_fp32_to_bf16(const float *src, uint16_t *dst, int64_t n) {
     for (int64_t i = 0; i < n; ++i) {
-        uint32_t u = f2u(src[i]);
+        uint32_t u = qr_f2u(src[i]);
         if ((u & 0x7fffffffu) > 0x7f800000u) dst[i] = (uint16_t)((u >> 16) | 64);   /* quiet NaN */
         else dst[i] = (uint16_t)((u + (0x7fffu + ((u >> 16) & 1u))) >> 16);
     }
