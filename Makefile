@@ -26,7 +26,13 @@ $(VENV)/.installed: $(VENV)/.deps $(NATIVE_SRC) setup.py
 	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
-install: $(VENV)/.installed
+# the CUDA codec library (qrealign_gguf/_cuda/libqrealign_cuda.so) when nvcc exists; else a "skipped" line
+CUDA_SRC := native/codec_cuda.cu $(wildcard native/*.h) tools/build_cuda.sh
+$(VENV)/.cuda: $(VENV)/.deps $(CUDA_SRC)
+	@bash tools/build_cuda.sh
+	@touch $@
+
+install: $(VENV)/.installed $(VENV)/.cuda
 
 # pinned llama.cpp (llama-cpp-python 0.3.36 sdist), built once and cached under ~/.cache/qrealign-gguf
 llama:
@@ -64,4 +70,4 @@ experiment: testbed
 		--finetuned $$HOME/.cache/qrealign-gguf/testbed/finetuned --out $(EXP_DIR)
 
 clean:
-	rm -rf build *.egg-info qrealign_gguf/_native* .pytest_cache
+	rm -rf build *.egg-info qrealign_gguf/_native* qrealign_gguf/_cuda .pytest_cache $(VENV)/.cuda
