@@ -6,7 +6,8 @@ tests prove equal to ggml). Without one those tests skip; what still runs everyw
 - the shared-header numerics that only the device build uses (QR_PORTABLE_NUMERICS: x86 float->int and
   NaN behaviour emulated), compiled on the host and compared with the C codec on the oracle inputs;
 - the wrapper's declarations against native/qrealign_cuda.h, its message when the library is missing;
-- an nvcc compile of the CUDA source (skipped without nvcc).
+- with nvcc: the CUDA C++ build of the block functions run on the host (tests/native/cuda_host_harness.cu,
+  same device-numerics helpers) against the C codec, and a compile of native/codec_cuda.cu for sm_80.
 """
 from __future__ import annotations
 
@@ -120,8 +121,39 @@ def test_portable_numerics_match_c(portable, name: str) -> None:  # noqa: ANN001
         assert _bits(deq) == _bits(codec.dequantize(ref, t, cols)), f"{name} {label}: dequantize differs"
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None and not os.path.exists("/usr/local/cuda/bin/nvcc"),
-                    reason="nvcc not found")
+NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/native/cuda_host_harness.cu built by nvcc: the CUDA C++ build of the block functions, on the host."""
+    exe = tmp_path_factory.mktemp("harness") / "cuda_host_harness"
+    r = subprocess.run([NVCC, "-std=c++17", "-O2", f"-I{NATIVE}", "-DQR_PORTABLE_NUMERICS",
+                        "-Xcompiler", "-ffp-contract=off", str(ROOT / "tests/native/cuda_host_harness.cu"),
+                        "-o", str(exe)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return exe
+
+
+@needs_nvcc
+@pytest.mark.parametrize("name", TYPES)
+def test_nvcc_host_build_matches_c(harness: Path, name: str) -> None:
+    t = qtype(name)
+    for label, x, im in _cases(name):
+        rows, cols = x.shape
+        stdin = np.ascontiguousarray(x, np.float32).tobytes()
+        if im is not None:
+            stdin += np.ascontiguousarray(im, np.float32).tobytes()
+        r = subprocess.run([str(harness), str(t.id), str(rows), str(cols), str(int(im is not None))],
+                           input=stdin, capture_output=True, timeout=60)
+        assert r.returncode == 0, f"{name} {label}: harness exit {r.returncode}"
+        ref = codec.quantize(x, t, imatrix=im)
+        assert r.stdout[:ref.nbytes] == _bits(ref), f"{name} {label}: quantize differs"
+        assert r.stdout[ref.nbytes:] == _bits(codec.dequantize(ref, t, cols)), f"{name} {label}: dequantize differs"
+
+
+@needs_nvcc
 def test_nvcc_compiles() -> None:
     env = {**os.environ, "QREALIGN_CUDA_ARCHS": "80"}
     r = subprocess.run(["bash", str(ROOT / "tools/build_cuda.sh"), "--check"], env=env, capture_output=True,
