@@ -76,7 +76,7 @@ def convert(
     samples: int = typer.Option(64, "--realign-samples", help="REALIGN: prompts of each kind used for calibration"),
     iters: int = typer.Option(40, "--realign-iters", help="REALIGN: optimizer steps per layer"),
     harm_weight: float = typer.Option(1.0, "--harm-weight", help="REALIGN: weight of the probe term against benign reconstruction"),
-    margin: float = typer.Option(2.0, "--margin", help="REALIGN: probe logit the harmful last-token state must exceed"),
+    margin: Optional[float] = typer.Option(None, "--margin", help="REALIGN: probe logit harmful last-token states must exceed (default: per layer, the aligned model's median harmful score)"),
     checkpoints: Optional[Path] = typer.Option(None, "--checkpoints", help="REALIGN: per-layer checkpoint dir (default <output>.realign-ckpt)"),
     device: str = typer.Option("auto", "--device", help="REALIGN: auto | cpu | cuda"),
 ) -> None:

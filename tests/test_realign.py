@@ -45,7 +45,7 @@ def planted(tiny, tmp_path_factory) -> tuple[ProbeSet, Path]:
     w = u / proj.std(0)[:, None]
     b = -(proj.mean(0) / proj.std(0)) - 1.0
     probes = ProbeSet(torch.zeros(n_layers, hidden), torch.ones(n_layers, hidden), w, b, torch.ones(n_layers),
-                      torch.ones(n_layers), list(range(n_layers)), model_signature(tiny))
+                      torch.ones(n_layers), torch.ones(n_layers), list(range(n_layers)), model_signature(tiny))
     path = tmp_path_factory.mktemp("probes") / "planted.safetensors"
     probes.save(path)
     return probes, path

@@ -43,12 +43,12 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--limit", type=int)
     ap.add_argument("--only", nargs="*", help="variant names to (re)build")
+    ap.add_argument("--variants", nargs="*", help="build and evaluate only these variants (default: all)")
+    ap.add_argument("--no-eval", action="store_true", help="convert only")
     a = ap.parse_args()
     out = a.out
     out.mkdir(parents=True, exist_ok=True)
     probes = a.probes or out / "probes.safetensors"
-    if not probes.exists():
-        timed([CLI, "probe", str(a.aligned), "-o", str(probes), "--plot", str(out / "probes.png")], out / "probe.log")
     imatrix = out / "finetuned.imatrix.gguf"
     extra = a.realign_args.split()
     variants = {
@@ -63,13 +63,23 @@ def main() -> None:
     }
     costs_file = out / "conversions.json"
     costs = json.loads(costs_file.read_text()) if costs_file.exists() else {}
+    if a.variants:
+        unknown = set(a.variants) - set(variants)
+        if unknown:
+            raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {list(variants)}")
+        variants = {k: v for k, v in variants.items() if k in a.variants}
     for name, args in variants.items():
         f = out / f"{name}.gguf"
         if f.exists() and not (a.only and name in a.only):
             continue
+        if "--probes" in args and not probes.exists():  # fit once, on the aligned model, when first needed
+            timed([CLI, "probe", str(a.aligned), "-o", str(probes), "--plot", str(out / "probes.png")],
+                  out / "probe.log")
         print(f"converting {name}", flush=True)
         costs[name] = timed([CLI, "convert", *args, "-o", str(f), "--force"], out / f"{name}.log")
         costs_file.write_text(json.dumps(costs, indent=1))
+    if a.no_eval:
+        return
     files = [str(out / f"{n}.gguf") for n in variants]
     report = out / "report.json"
     cmd = [CLI, "eval", *files, "--harmful", str(DATA / "dev_harmful.jsonl"),

@@ -4,12 +4,14 @@ For decoder layer l of the FINE-TUNED model, with X_q the layer's input under th
 and Y the full-precision model's output of the layer:
 
     benign prompts   L_b = mean_i ||layer_q(X_q,i) - Y_i||^2 / ||Y_i||^2          (keep the task behaviour)
-    harmful prompts  L_h = mean_j softplus(margin - probe_l(layer_q(X_q,j)[last]))  (back to the refusal side)
+    harmful prompts  L_h = mean_j softplus(t_l - probe_l(layer_q(X_q,j)[last]))     (back to the refusal side)
     loss             L   = L_b + harm_weight * L_h     (L_h only where the layer's probe is reliable)
 
-layer_q runs the layer with every linear weight replaced by simulate.fake_quant: the exact value the GGUF
-block format will store, differentiable in per-weight rounding offsets and per-block scale/min changes
-(the role of learnable weight clipping). Adam on those, then export + pack gives the bytes to write.
+t_l is the probe score the aligned model's own harmful prompts reach at layer l (ProbeSet.target), unless
+a fixed margin is given. layer_q runs the layer with every linear weight replaced by simulate.fake_quant:
+the exact value the GGUF block format will store, differentiable in per-weight rounding offsets and
+per-block scale/min changes (the role of learnable weight clipping). Adam on those, then export + pack
+gives the bytes to write. Prompts of one kind run as one right-padded batch (see Padded).
 The relative benign error makes harm_weight mean the same thing in shallow and deep layers.
 """
 from __future__ import annotations
@@ -33,7 +35,7 @@ class RealignSettings:
     batch: int = 8  # prompts of each kind per step
     lr: float = 5e-3  # rounding offsets, in code units (scale multipliers get lr/10)
     harm_weight: float = 1.0
-    margin: float = 2.0  # probe logit the harmful last-token state should exceed
+    margin: float | None = None  # probe logit harmful states should exceed; None: the aligned model's own (per layer)
     n_benign: int = 64
     n_harmful: int = 64
     max_tokens: int = 128
@@ -62,8 +64,12 @@ class LayerStats:
     seconds: float
 
 
-def benign_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return ((out - target) ** 2).sum() / (target**2).sum().clamp_min(1e-12)
+def benign_loss(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over prompts of the relative squared error on real (unpadded) tokens."""
+    m = mask[..., None].to(out.dtype)
+    num = (((out - target) ** 2) * m).sum((1, 2))
+    den = ((target**2) * m).sum((1, 2)).clamp_min(1e-12)
+    return (num / den).mean()
 
 
 def harm_loss(score: torch.Tensor, margin: float) -> torch.Tensor:
@@ -91,18 +97,53 @@ def _run(layer: torch.nn.Module, weights: dict[str, torch.Tensor], x: torch.Tens
     return out[0] if isinstance(out, tuple) else out
 
 
+@dataclass
+class Padded:
+    """Prompts of one kind, right-padded into one batch. Causal attention never lets a real token see the
+    padding that follows it, so the longest prompt's layer kwargs (rotary tables, causal mask) serve all."""
+    x: torch.Tensor  # (B, T, H)
+    mask: torch.Tensor  # (B, T) True on real tokens
+    last: torch.Tensor  # (B,) index of each prompt's last token
+    kwargs: dict
+
+
+def pad(xs: list[torch.Tensor], kwargs: list[dict], idx: list[int]) -> Padded:
+    lens = [xs[i].shape[1] for i in idx]
+    t = max(lens)
+    x = xs[idx[0]].new_zeros(len(idx), t, xs[idx[0]].shape[2])
+    mask = torch.zeros(len(idx), t, dtype=torch.bool, device=x.device)
+    for j, i in enumerate(idx):
+        x[j, : lens[j]] = xs[i][0]
+        mask[j, : lens[j]] = True
+    last = torch.tensor(lens, device=x.device) - 1
+    return Padded(x, mask, last, kwargs[idx[lens.index(t)]])
+
+
+def _chunks(n: int, size: int) -> list[list[int]]:
+    return [list(range(i, min(n, i + size))) for i in range(0, n, size)]
+
+
 @torch.no_grad()
-def _evaluate(layer, weights, xb, yb, kb, xh, kh, score, margin) -> tuple[float, float, float]:  # noqa: ANN001
-    lb = float(np.mean([benign_loss(_run(layer, weights, x, k), y).item() for x, y, k in zip(xb, yb, kb)]))
+def _evaluate(layer, weights, xb, yb, kb, xh, kh, score, margin, size) -> tuple[float, float, float]:  # noqa: ANN001
+    lb = []
+    for idx in _chunks(len(xb), size):
+        p, y = pad(xb, kb, idx), pad(yb, kb, idx).x
+        lb.append(benign_loss(_run(layer, weights, p.x, p.kwargs), y, p.mask).item() * len(idx))
+    lb_mean = sum(lb) / len(xb)
     if score is None:
-        return lb, 0.0, 0.0
-    s = torch.stack([score(_run(layer, weights, x, k)[0, -1]) for x, k in zip(xh, kh)])
-    return lb, float(harm_loss(s, margin).mean()), float((s > 0).float().mean())
+        return lb_mean, 0.0, 0.0
+    s = torch.cat([_last_scores(layer, weights, pad(xh, kh, idx), score) for idx in _chunks(len(xh), size)])
+    return lb_mean, float(harm_loss(s, margin).mean()), float((s > 0).float().mean())
+
+
+def _last_scores(layer, weights, p: Padded, score) -> torch.Tensor:  # noqa: ANN001
+    out = _run(layer, weights, p.x, p.kwargs)
+    return score(out[torch.arange(out.shape[0], device=out.device), p.last])
 
 
 def realign_layer(layer: torch.nn.Module, targets: list[Target],
                   benign: tuple[list, list, list], harmful: tuple[list, list],
-                  score: Callable[[torch.Tensor], torch.Tensor] | None,
+                  score: Callable[[torch.Tensor], torch.Tensor] | None, margin: float,
                   s: RealignSettings, layer_index: int) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor], LayerStats]:
     """Optimize one layer. benign = (X_q, Y_fp, kwargs) lists, harmful = (X_q, kwargs) lists.
     Returns GGUF-layout packed bytes per tensor, the hard quantized weights (to propagate X_q), and stats."""
@@ -117,7 +158,8 @@ def realign_layer(layer: torch.nn.Module, targets: list[Target],
     for p in layer.parameters():
         p.requires_grad_(False)
 
-    start = _evaluate(layer, _weights(layer, targets, learn, base), xb, yb, kb, xh, kh, score, s.margin)
+    ev = s.batch * 2
+    start = _evaluate(layer, _weights(layer, targets, learn, base), xb, yb, kb, xh, kh, score, margin, ev)
     # auto-round's schedule: linear decay to zero, and keep the best minibatch iterate (the straight-through
     # gradient makes late iterates oscillate between rounding choices)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 - k / max(s.iters, 1))
@@ -126,11 +168,12 @@ def realign_layer(layer: torch.nn.Module, targets: list[Target],
         opt.zero_grad(set_to_none=True)
         w = _weights(layer, targets, learn, base)
         ib = torch.randperm(len(xb), generator=gen)[: s.batch].tolist()
-        loss = torch.stack([benign_loss(_run(layer, w, xb[i], kb[i]), yb[i]) for i in ib]).mean()
+        p = pad(xb, kb, ib)
+        loss = benign_loss(_run(layer, w, p.x, p.kwargs), pad(yb, kb, ib).x, p.mask)
         if score is not None and s.harm_weight > 0:
             ih = torch.randperm(len(xh), generator=gen)[: s.batch].tolist()
-            sc = torch.stack([score(_run(layer, w, xh[i], kh[i])[0, -1]) for i in ih])
-            loss = loss + s.harm_weight * harm_loss(sc, s.margin).mean()
+            sc = _last_scores(layer, w, pad(xh, kh, ih), score)
+            loss = loss + s.harm_weight * harm_loss(sc, margin).mean()
         if loss.item() < best_loss:  # the loss of the weights *before* this step
             best, best_loss = _snapshot(learn), loss.item()
         loss.backward()
@@ -142,7 +185,7 @@ def realign_layer(layer: torch.nn.Module, targets: list[Target],
 
     with torch.no_grad():
         hard = _weights(layer, targets, learn, base)
-    end = _evaluate(layer, hard, xb, yb, kb, xh, kh, score, s.margin)
+    end = _evaluate(layer, hard, xb, yb, kb, xh, kh, score, margin, ev)
     packed: dict[str, np.ndarray] = {}
     for t in targets:
         data = codec.pack(t.qtype, simulate.export(t.qtype, base[t.module], learn[t.module]))
@@ -157,6 +200,11 @@ def realign_layer(layer: torch.nn.Module, targets: list[Target],
 
 @torch.no_grad()
 def propagate(layer: torch.nn.Module, hard: dict[str, torch.Tensor], xs: list[torch.Tensor],
-              kwargs: list[dict]) -> list[torch.Tensor]:
+              kwargs: list[dict], size: int = 16) -> list[torch.Tensor]:
     """The next layer's quantized-prefix inputs: this layer run with its final (stored) weights."""
-    return [_run(layer, hard, x, k) for x, k in zip(xs, kwargs)]
+    out: list[torch.Tensor] = []
+    for idx in _chunks(len(xs), size):
+        p = pad(xs, kwargs, idx)
+        y = _run(layer, hard, p.x, p.kwargs)
+        out += [y[j : j + 1, : int(p.last[j]) + 1].clone() for j in range(len(idx))]
+    return out

@@ -85,7 +85,7 @@ def realign_model(finetuned: str | Path, plan, probes: ProbeSet, settings: Reali
                          "with more prompts or a lower --min-acc")
 
     fp = fingerprint({"version": __version__, "model": model_files_digest(finetuned),
-                      "probes": [probes.w.sum().item(), probes.b.tolist(), sorted(reliable)],
+                      "probes": [probes.w.sum().item(), probes.b.tolist(), probes.target.tolist(), sorted(reliable)],
                       "harmful": [p.text for p in harm], "benign": [p.text for p in ben],
                       "settings": asdict(settings), "types": {t.source.name: t.qtype.name for t in plan.tensors},
                       "importance": sorted(importance)})
@@ -113,10 +113,11 @@ def realign_model(finetuned: str | Path, plan, probes: ProbeSet, settings: Reali
             resumed = True
         else:
             score = (lambda h, i=i: probes.score(i, h)) if i in reliable else None
+            margin = settings.margin if settings.margin is not None else float(probes.target[i])
             packed, hard, stats = realign_layer(
                 layer, targets,
                 ([x.to(device) for x in xq[:nb]], [y.to(device) for y in cache.fp[i + 1][:nb]], kw[:nb]),
-                ([x.to(device) for x in xq[nb:]], kw[nb:]), score, settings, i)
+                ([x.to(device) for x in xq[nb:]], kw[nb:]), score, margin, settings, i)
             ckpt.save(i, packed, stats)
             resumed = False
         out.update(packed)
@@ -138,7 +139,7 @@ class RealignRequest:
     samples: int = 64
     iters: int = 40
     harm_weight: float = 1.0
-    margin: float = 2.0
+    margin: float | None = None
     checkpoints: Path | None = None
     device: str = "auto"
 
@@ -198,6 +199,6 @@ def run_realign(req: RealignRequest, plan, probes: ProbeSet | None, opts, consol
                            importance=opts.importance, checkpoint_dir=req.checkpoints, report=report,
                            device=resolve_device(req.device))
     opts.extra_provenance.update({"realigned": True, "realign_iters": req.iters, "realign_harm_weight": req.harm_weight,
-                                  "realign_margin": req.margin, "realign_samples": req.samples,
+                                  "realign_margin": "aligned" if req.margin is None else req.margin, "realign_samples": req.samples,
                                   "realign_probe_layers": ",".join(map(str, probes.reliable))})
     return packed

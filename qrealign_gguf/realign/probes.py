@@ -5,6 +5,14 @@ harmful (label 1) from benign (label 0) prompts. Features are standardized with 
 exactly the same affine map is applied at use time (score = ((h - mean) / std) . w + b, > 0 means "harmful
 side", the side from which the aligned model refuses). Layers whose held-out accuracy is below a threshold
 are kept in the file but marked unreliable, and calibration ignores them.
+
+Conditioning matters more than training accuracy: with ~200 prompts in ~1000 dimensions every layer is
+separable, and a weakly regularized fit puts large weights on directions that quantization noise alone moves
+(measured on Qwen2.5-0.5B: with l2=0.01 a Q4_K token embedding flipped every harmful prompt at layer 0 to the
+benign side). A strong L2 keeps w close to the difference of class means (the "refusal direction"), and the
+std floor stops near-constant features from being amplified. `target` is the median score of the aligned
+model's own harmful training prompts: calibration pushes harmful states to where the aligned model has them,
+not to an arbitrary logit.
 """
 from __future__ import annotations
 
@@ -17,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import InputError
 
-FORMAT = "qrealign-probes-v1"
+FORMAT = "qrealign-probes-v2"
 
 
 @dataclass
@@ -28,6 +36,7 @@ class ProbeSet:
     b: torch.Tensor  # (L,)
     train_acc: torch.Tensor  # (L,)
     heldout_acc: torch.Tensor  # (L,)
+    target: torch.Tensor  # (L,) median probe score of the aligned model's harmful training prompts
     reliable: list[int]  # layer indices used for calibration
     meta: dict[str, str] = field(default_factory=dict)  # architecture, hidden, layers, template, model hash
 
@@ -47,7 +56,7 @@ class ProbeSet:
 
     def save(self, path: str | Path) -> None:
         tensors = {"mean": self.mean, "std": self.std, "w": self.w, "b": self.b, "train_acc": self.train_acc,
-                   "heldout_acc": self.heldout_acc}
+                   "heldout_acc": self.heldout_acc, "target": self.target}
         meta = {"format": FORMAT, "reliable": json.dumps(self.reliable), **self.meta}
         save_file({k: v.contiguous().float() for k, v in tensors.items()}, str(path), metadata=meta)
 
@@ -63,13 +72,17 @@ class ProbeSet:
             t = load_file(str(path))
         except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
             raise InputError(f"{path} is not a probe file ({e})") from None
-        if meta.pop("format", None) != FORMAT:
+        fmt = meta.pop("format", None)
+        if fmt == "qrealign-probes-v1":
+            raise InputError(f"{path} was fit by an older qrealign-gguf (weakly regularized, no target scores); "
+                             "refit it with `qrealign-gguf probe`")
+        if fmt != FORMAT:
             raise InputError(f"{path} is not a qrealign probe file (format key missing)")
         reliable = json.loads(meta.pop("reliable", "[]"))
-        return cls(t["mean"], t["std"], t["w"], t["b"], t["train_acc"], t["heldout_acc"], reliable, meta)
+        return cls(t["mean"], t["std"], t["w"], t["b"], t["train_acc"], t["heldout_acc"], t["target"], reliable, meta)
 
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-2, iters: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1.0, iters: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
     """Regularized logistic regression on already-standardized features (full-batch L-BFGS)."""
     n, d = x.shape
     w = torch.zeros(d, dtype=torch.float64, requires_grad=True)
@@ -101,7 +114,7 @@ def split(y: torch.Tensor, heldout: float, seed: int) -> tuple[torch.Tensor, tor
 
 
 def fit_probes(states: torch.Tensor, labels: torch.Tensor, heldout: float = 0.2, min_acc: float = 0.9,
-               l2: float = 1e-2, seed: int = 0, meta: dict[str, str] | None = None) -> ProbeSet:
+               l2: float = 1.0, std_floor: float = 0.1, seed: int = 0, meta: dict[str, str] | None = None) -> ProbeSet:
     """states (N, L, H), labels (N,) in {0,1} -> one probe per layer, with held-out accuracy."""
     if labels.unique().numel() != 2:
         raise InputError("probe fitting needs both harmful (label 1) and benign (label 0) prompts")
@@ -113,17 +126,21 @@ def fit_probes(states: torch.Tensor, labels: torch.Tensor, heldout: float = 0.2,
     b = torch.empty(n_layers)
     tr_acc = torch.empty(n_layers)
     te_acc = torch.empty(n_layers)
+    target = torch.empty(n_layers)
+    harm_tr = tr[labels[tr] == 1]
     for layer in range(n_layers):
         x = states[:, layer].float()
         mean[layer] = x[tr].mean(0)
-        std[layer] = x[tr].std(0).clamp_min(1e-6)
+        sd = x[tr].std(0)
+        std[layer] = sd.clamp_min(max(std_floor * sd.median().item(), 1e-6))
         z = (x - mean[layer]) / std[layer]
         w[layer], b[layer] = fit_logistic(z[tr], labels[tr], l2=l2)
-        pred = (z @ w[layer] + b[layer]) > 0
-        tr_acc[layer] = (pred[tr] == labels[tr].bool()).float().mean()
-        te_acc[layer] = (pred[te] == labels[te].bool()).float().mean()
+        s = z @ w[layer] + b[layer]
+        tr_acc[layer] = ((s[tr] > 0) == labels[tr].bool()).float().mean()
+        te_acc[layer] = ((s[te] > 0) == labels[te].bool()).float().mean()
+        target[layer] = s[harm_tr].median()
     reliable = [i for i in range(n_layers) if te_acc[i] >= min_acc]
-    return ProbeSet(mean, std, w, b, tr_acc, te_acc, reliable, dict(meta or {}))
+    return ProbeSet(mean, std, w, b, tr_acc, te_acc, target, reliable, dict(meta or {}))
 
 
 def probe_model(model_dir: str | Path, harmful: str | Path, benign: str | Path, n_per_class: int = 256,
