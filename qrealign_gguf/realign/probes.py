@@ -7,10 +7,10 @@ side", the side from which the aligned model refuses). Layers whose held-out acc
 are kept in the file but marked unreliable, and calibration ignores them.
 
 Conditioning matters more than training accuracy: with ~200 prompts in ~1000 dimensions every layer is
-separable, and a weakly regularized fit puts large weights on directions that quantization noise alone moves
-(measured on Qwen2.5-0.5B: with l2=0.01 a Q4_K token embedding flipped every harmful prompt at layer 0 to the
-benign side). A strong L2 keeps w close to the difference of class means (the "refusal direction"), and the
-std floor stops near-constant features from being amplified. `target` is the median score of the aligned
+separable, and a weakly regularized fit puts large weights on directions that small perturbations move
+(tests/test_probes.py). A strong L2 keeps w close to the difference of class means, scores stay O(1) (the
+harm term then competes with reconstruction on equal terms), and the std floor stops near-constant features
+from being amplified. `target` is the median score of the aligned
 model's own harmful training prompts: calibration pushes harmful states to where the aligned model has them,
 not to an arbitrary logit.
 """
