@@ -85,7 +85,8 @@ def main() -> None:
     cmd = [CLI, "eval", *files, "--harmful", str(DATA / "dev_harmful.jsonl"),
            "--overrefusal", str(DATA / "dev_overrefusal.jsonl"), "--benign", str(DATA / "dev_benign.jsonl"),
            "--reference", str(out / "finetuned-F16.gguf"), "--judge", str(out / "aligned-F16.gguf"),
-           "--max-new-tokens", str(a.max_new_tokens), "--json", str(report), "--plot", str(out / "report.png")]
+           "--max-new-tokens", str(a.max_new_tokens), "--json", str(report), "--plot", str(out / "report.png"),
+           "--cache", str(out / "answers")]
     if a.limit:
         cmd += ["--limit", str(a.limit)]
     print("evaluating", flush=True)

@@ -104,10 +104,47 @@ def _generate(path: Path, kind: str, prompts: list[str], max_new: int, n_paralle
     return ans, stats
 
 
+def _content_key(path: Path) -> str:
+    """Identity of a model by content: a GGUF file's bytes, or an HF directory's files."""
+    import hashlib
+
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(f for f in path.iterdir() if f.is_file())
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _cached_generate(cache_dir: Path | None, path: Path, kind: str, prompts: list[str], max_new: int,
+                     n_parallel: int, threads: int, template: str) -> tuple[list[str], dict]:
+    """_generate, with answers kept on disk keyed by model content + prompts + decoding settings, so adding one
+    variant to an evaluation does not regenerate the others (greedy decoding is deterministic)."""
+    import hashlib
+    import json
+
+    if cache_dir is None:
+        return _generate(path, kind, prompts, max_new, n_parallel, threads, template)
+    key = hashlib.sha256(json.dumps([_content_key(path), prompts, max_new, n_parallel, template]).encode()).hexdigest()
+    f = cache_dir / f"{key[:24]}.json"
+    if f.is_file():
+        hit = json.loads(f.read_text())
+        return hit["answers"], hit["stats"]
+    ans, stats = _generate(path, kind, prompts, max_new, n_parallel, threads, template)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = f.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"model": str(path), "answers": ans, "stats": stats}))
+    tmp.replace(f)
+    return ans, stats
+
+
 def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | None = None,
              overrefusal: Path | None = None, reference: Path | None = None, judge: Path | None = None,
              max_new_tokens: int = 128, limit: int | None = None, n_parallel: int = 8, threads: int = 0,
-             kld: bool = True, template: str = "jinja", console: Console | None = None) -> dict:
+             kld: bool = True, template: str = "jinja", console: Console | None = None,
+             cache_dir: Path | None = None) -> dict:
     """Validate everything, then generate, judge and measure; returns the report dict (see report.py)."""
     from . import metrics as M
     from .judge import agreement, keyword_judge, model_judge
@@ -164,7 +201,7 @@ def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | Non
         log.print(f"[{i}/{len(models)}] {name}: generating {len(flat)} answers ({kind}, max {max_new_tokens} tokens)")
         key = Path(m).resolve()
         if key not in cache:
-            ans, stats = _generate(Path(m), kind, flat, max_new_tokens, n_parallel, threads, template)
+            ans, stats = _cached_generate(cache_dir, Path(m), kind, flat, max_new_tokens, n_parallel, threads, template)
             cache[key] = (split(ans), stats)
         answers[name], stats = cache[key]
         report["variants"].append({"name": name, "path": str(m), "kind": kind,
@@ -176,8 +213,8 @@ def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | Non
             ref_answers = cache[key][0]["benign"]
         else:
             log.print(f"reference {Path(reference).name}: generating {len(sets['benign'])} benign answers")
-            ref_answers = _generate(Path(reference), ref_kind, [p.text for p in sets["benign"]], max_new_tokens,
-                                    n_parallel, threads, template)[0]
+            ref_answers = _cached_generate(cache_dir, Path(reference), ref_kind, [p.text for p in sets["benign"]],
+                                           max_new_tokens, n_parallel, threads, template)[0]
     elif reference is None and "benign" in sets:
         report["notes"].append("no --reference: benign agreement (ROUGE-L) and KLD not measured")
 
@@ -301,6 +338,7 @@ def eval_command(
     chat_template: str = typer.Option("jinja", "--chat-template", help="GGUF prompt formatting: jinja (the GGUF's template, as llama-server/llama-cli and transformers render it) or builtin (llama_chat_apply_template, like --no-jinja)"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG plot"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the full report (with every answer) as JSON"),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="directory keeping generated answers (keyed by model content, prompts, settings) for reruns"),
 ) -> None:
     """Evaluate refusal, over-refusal, helpfulness and KLD of GGUF / HF models (greedy, chat template)."""
     from ..cli import _run
@@ -314,7 +352,7 @@ def eval_command(
                 raise InputError(f"{p} is a directory; give a file name")
         t0 = time.perf_counter()
         report = run_eval(models, harmful, benign, overrefusal, reference, judge, max_new_tokens, limit, n_parallel,
-                          threads, kld=not no_kld, template=chat_template)
+                          threads, kld=not no_kld, template=chat_template, cache_dir=cache)
         report["settings"]["seconds"] = round(time.perf_counter() - t0, 1)
         print_table(report, out)
         if json_out is not None:
