@@ -78,7 +78,7 @@ def convert(
     harm_weight: float = typer.Option(1.0, "--harm-weight", help="REALIGN: weight of the probe term against benign reconstruction"),
     margin: Optional[float] = typer.Option(None, "--margin", help="REALIGN: probe logit harmful last-token states must exceed (default: per layer, the aligned model's median harmful score)"),
     checkpoints: Optional[Path] = typer.Option(None, "--checkpoints", help="REALIGN: per-layer checkpoint dir (default <output>.realign-ckpt)"),
-    device: str = typer.Option("auto", "--device", help="REALIGN: auto | cpu | cuda"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda: block encoders (and realignment's torch work); auto = CUDA when a GPU and the CUDA codec are available"),
 ) -> None:
     """Convert a Hugging Face model to GGUF; with --aligned or --probes, realign safety while quantizing."""
     from .convert import ConvertOptions, load_metadata_overrides, make_plan
@@ -87,7 +87,7 @@ def convert(
     def work() -> None:
         opts = ConvertOptions(outtype=outtype, imatrix=imatrix, pure=pure, split_max_size=_size(split_max_size),
                               metadata=load_metadata_overrides(metadata) if metadata else {}, threads=threads,
-                              force=force)
+                              force=force, device=device)
         plan = make_plan(model, output, opts)
         if dry_run:
             _print_plan(plan)

@@ -46,6 +46,7 @@ class ConvertOptions:
     force: bool = False
     extra_provenance: dict[str, Any] = field(default_factory=dict)  # qrealign.* keys from callers
     packed: dict[str, np.ndarray] | None = None  # pre-encoded GGUF bytes per tensor (realignment), written as is
+    device: str = "cpu"  # encoder: cpu (C codec), cuda, or auto (cuda when the CUDA codec can run)
 
 
 @dataclass
@@ -130,13 +131,28 @@ def _check_output(out: Path, force: bool) -> None:
         raise InputError(f"cannot write to {parent} (permission denied); choose another output path")
 
 
-def _encode(x: np.ndarray, t: QType, importance: np.ndarray | None, threads: int) -> np.ndarray:
+def resolve_encode_device(name: str) -> str:
+    """--device for the block encoders; a CUDA request that cannot run is a user error, not a traceback."""
+    if name == "cpu":
+        return "cpu"
+    from .formats import cuda_codec
+
+    try:
+        return cuda_codec.resolve_device(name)
+    except (cuda_codec.CudaUnavailable, ValueError) as e:
+        raise InputError(f"--device {name}: {e}") from None
+
+
+def _encode(x: np.ndarray, t: QType, importance: np.ndarray | None, threads: int, device: str = "cpu") -> np.ndarray:
     if t.name == "F32":
         return np.ascontiguousarray(x, dtype=np.float32)
     if t.name == "F16":
         return codec.to_f16(x)
     if t.name == "BF16":
         return codec.to_bf16(x)
+    if device == "cuda":  # same bytes as the C codec (tests/test_cuda_codec.py)
+        from .formats import cuda_codec
+        return cuda_codec.encode(t, x.reshape(-1, x.shape[-1]), importance, device="cuda")
     return codec.quantize(x.reshape(-1, x.shape[-1]), t, imatrix=importance, threads=threads)
 
 
@@ -207,6 +223,7 @@ def convert(model_dir: str | Path, output: str | Path, opts: ConvertOptions | No
     plan = plan or make_plan(model_dir, output, opts)
     _check_output(plan.output, opts.force)
     importance = dict(opts.importance or {})
+    device = resolve_encode_device(opts.device) if any(t.qtype.native for t in plan.tensors) else "cpu"
     if opts.imatrix is not None:
         importance.update(load_imatrix(opts.imatrix))
     if importance:
@@ -233,7 +250,7 @@ def convert(model_dir: str | Path, output: str | Path, opts: ConvertOptions | No
                 raise InputError(f"tensor {t.source.hf_name or t.source.name} contains NaN or Inf values; "
                                  "the checkpoint is broken, fix it before converting")
             pre = (opts.packed or {}).get(t.source.name)
-            data = pre if pre is not None else _encode(x, t.qtype, importance.get(t.source.name), opts.threads)
+            data = pre if pre is not None else _encode(x, t.qtype, importance.get(t.source.name), opts.threads, device)
             del x
             if data.nbytes != t.nbytes:  # an internal invariant, not a user error
                 raise AssertionError(f"{t.source.name}: encoded {data.nbytes} bytes, planned {t.nbytes}")

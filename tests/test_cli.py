@@ -175,3 +175,14 @@ def test_inspect_bad_file(tmp_path):
     f = tmp_path / "x.gguf"
     f.write_bytes(b"not a gguf")
     _fails(["inspect", str(f)], "not a readable GGUF")
+
+
+def test_device_cuda_without_a_gpu(tiny, tmp_path):
+    from qrealign_gguf.formats import cuda_codec
+
+    if cuda_codec.available():
+        pytest.skip("a CUDA device is available here; the error path cannot be exercised")
+    _fails(["convert", str(tiny), "-o", str(tmp_path / "o.gguf"), "--outtype", "Q4_0", "--device", "cuda"], "--device cuda")
+    _no_gguf(tmp_path)
+    r = runner.invoke(app, ["convert", str(tiny), "-o", str(tmp_path / "o.gguf"), "--outtype", "Q4_0", "--device", "auto"])
+    assert r.exit_code == 0, r.output  # auto falls back to the C codec

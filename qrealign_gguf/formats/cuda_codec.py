@@ -16,7 +16,7 @@ GPU is visible, the functions raise CudaUnavailable with the reason.
 from __future__ import annotations
 
 import os
-import threading
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,8 +43,6 @@ int qr_cuda_unpack(int type, const void *src, uint8_t *q, uint16_t *d, uint16_t 
 LIB_NAME = "libqrealign_cuda.so"
 _ERRORS = {-1: "unsupported type", -2: "row length not a multiple of the block size",
            -3: "bad argument (a code out of range, or a missing array)", -4: "out of memory"}
-_lock = threading.Lock()
-_loaded: tuple | None = None
 
 
 class CudaUnavailable(RuntimeError):
@@ -57,21 +55,18 @@ def library_path() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[1] / "_cuda" / LIB_NAME
 
 
+@functools.lru_cache(maxsize=1)  # one dlopen per process; a missing library raises (and is not cached)
 def _load():  # noqa: ANN202 - (ffi, lib)
-    global _loaded
-    with _lock:
-        if _loaded is None:
-            path = library_path()
-            if not path.is_file():
-                raise CudaUnavailable(
-                    f"CUDA codec library not built ({path} is missing): build it with `make install` or "
-                    "`bash tools/build_cuda.sh` on a machine with nvcc (CUDA toolkit), or use --device cpu")
-            from cffi import FFI
+    path = library_path()
+    if not path.is_file():
+        raise CudaUnavailable(
+            f"CUDA codec library not built ({path} is missing): build it with `make install` or "
+            "`bash tools/build_cuda.sh` on a machine with nvcc (CUDA toolkit), or use --device cpu")
+    from cffi import FFI
 
-            ffi = FFI()
-            ffi.cdef(CDEF)
-            _loaded = (ffi, ffi.dlopen(str(path)))
-        return _loaded
+    ffi = FFI()
+    ffi.cdef(CDEF)
+    return ffi, ffi.dlopen(str(path))
 
 
 def _reason() -> str | None:
@@ -80,12 +75,12 @@ def _reason() -> str | None:
         ffi, lib = _load()
     except (CudaUnavailable, OSError) as exc:
         return str(exc)
+    if not lib.qr_cuda_available():  # before torch: a CPU-only machine must not pay torch's import
+        return f"the CUDA codec sees no usable device: {ffi.string(lib.qr_cuda_last_error()).decode()}"
     import torch
 
     if not torch.cuda.is_available():
         return "torch sees no CUDA device (CPU-only torch build, or no GPU visible)"
-    if not lib.qr_cuda_available():
-        return f"the CUDA codec sees no usable device: {ffi.string(lib.qr_cuda_last_error()).decode()}"
     return None
 
 
