@@ -7,11 +7,13 @@
 
 static const qr_codec *find_codec(int type) {
     const qr_codec *c = qr_codec_legacy(type);
-    return c ? c : qr_codec_k(type);
+    if (!c) c = qr_codec_k(type);
+    return c ? c : qr_codec_custom(type);
 }
 
 int64_t qr_block_size(int type) { const qr_codec *c = find_codec(type); return c ? c->block : 0; }
 size_t qr_type_size(int type) { const qr_codec *c = find_codec(type); return c ? c->size : 0; }
+int qr_type_outliers(int type) { const qr_codec *c = find_codec(type); return c ? c->nout : 0; }
 size_t qr_row_size(int type, int64_t ncols) {
     const qr_codec *c = find_codec(type);
     return c ? (size_t)(ncols / c->block) * c->size : 0;
@@ -43,22 +45,33 @@ typedef struct {
     const uint8_t *bsrc; uint8_t *bdst;        /* block side */
     const float *imatrix;
     uint8_t *q; uint16_t *d, *dmin; uint8_t *sc, *mn;  /* pack/unpack parameter arrays */
+    uint8_t *oidx; uint16_t *oval;                     /* outliers (types with nout > 0) */
     int rc;
 } job;
 
 static void *run_job(void *arg) {
     job *j = (job *)arg;
     const qr_codec *c = j->c;
-    const int64_t n = j->ncols, nb = n / c->block, rb = (int64_t)(nb * c->size), ns = nb * c->nsub;
+    const int64_t n = j->ncols, nb = n / c->block, rb = (int64_t)(nb * c->size), ns = nb * c->nsub, no = nb * c->nout;
     for (int64_t r = j->row0; r < j->row1 && j->rc == QR_OK; ++r) {
         switch (j->op) {
         case OP_QUANT: c->quantize(j->fsrc + r * n, j->bdst + r * rb, n, j->imatrix); break;
         case OP_DEQUANT: c->dequantize(j->bsrc + r * rb, j->fdst + r * n, n); break;
         case OP_PACK:
+            if (c->nout) {
+                j->rc = c->pack_out(j->q + r * n, j->d + r * nb, j->dmin + r * nb, j->sc + r * ns, j->mn + r * ns,
+                                    j->oidx + r * no, j->oval + r * no, j->bdst + r * rb, n);
+                break;
+            }
             j->rc = c->pack(j->q + r * n, j->d + r * nb, j->dmin ? j->dmin + r * nb : NULL,
                             j->sc ? j->sc + r * ns : NULL, j->mn ? j->mn + r * ns : NULL, j->bdst + r * rb, n);
             break;
         case OP_UNPACK:
+            if (c->nout) {
+                c->unpack_out(j->bsrc + r * rb, j->q + r * n, j->d + r * nb, j->dmin + r * nb, j->sc + r * ns,
+                              j->mn + r * ns, j->oidx + r * no, j->oval + r * no, n);
+                break;
+            }
             c->unpack(j->bsrc + r * rb, j->q + r * n, j->d + r * nb, j->dmin ? j->dmin + r * nb : NULL,
                       j->sc ? j->sc + r * ns : NULL, j->mn ? j->mn + r * ns : NULL, n);
             break;
@@ -121,23 +134,38 @@ static int check_params(const qr_codec *c, const void *q, const void *d, const v
     return QR_OK;
 }
 
-int qr_pack(int type, const uint8_t *q, const uint16_t *d, const uint16_t *dmin, const uint8_t *sc,
-            const uint8_t *mn, void *dst, int64_t nrows, int64_t ncols) {
+int qr_pack_outliers(int type, const uint8_t *q, const uint16_t *d, const uint16_t *dmin, const uint8_t *sc,
+                     const uint8_t *mn, const uint8_t *oidx, const uint16_t *oval, void *dst, int64_t nrows,
+                     int64_t ncols) {
     const qr_codec *c = find_codec(type);
     int rc = check(c, nrows, ncols);
     if (rc) return rc;
     if ((rc = check_params(c, q, d, dmin, sc, mn)) || !dst) return rc ? rc : QR_E_ARG;
+    if (c->nout && (!oidx || !oval)) return QR_E_ARG;
     job j = {.op = OP_PACK, .c = c, .ncols = ncols, .bdst = dst, .q = (uint8_t *)q, .d = (uint16_t *)d,
-             .dmin = (uint16_t *)dmin, .sc = (uint8_t *)sc, .mn = (uint8_t *)mn};
+             .dmin = (uint16_t *)dmin, .sc = (uint8_t *)sc, .mn = (uint8_t *)mn, .oidx = (uint8_t *)oidx,
+             .oval = (uint16_t *)oval};
     return run_parallel(j, nrows, 0);
 }
 
-int qr_unpack(int type, const void *src, uint8_t *q, uint16_t *d, uint16_t *dmin, uint8_t *sc, uint8_t *mn,
-              int64_t nrows, int64_t ncols) {
+int qr_unpack_outliers(int type, const void *src, uint8_t *q, uint16_t *d, uint16_t *dmin, uint8_t *sc,
+                       uint8_t *mn, uint8_t *oidx, uint16_t *oval, int64_t nrows, int64_t ncols) {
     const qr_codec *c = find_codec(type);
     int rc = check(c, nrows, ncols);
     if (rc) return rc;
     if ((rc = check_params(c, q, d, dmin, sc, mn)) || !src) return rc ? rc : QR_E_ARG;
-    job j = {.op = OP_UNPACK, .c = c, .ncols = ncols, .bsrc = src, .q = q, .d = d, .dmin = dmin, .sc = sc, .mn = mn};
+    if (c->nout && (!oidx || !oval)) return QR_E_ARG;
+    job j = {.op = OP_UNPACK, .c = c, .ncols = ncols, .bsrc = src, .q = q, .d = d, .dmin = dmin, .sc = sc, .mn = mn,
+             .oidx = oidx, .oval = oval};
     return run_parallel(j, nrows, 0);
+}
+
+int qr_pack(int type, const uint8_t *q, const uint16_t *d, const uint16_t *dmin, const uint8_t *sc,
+            const uint8_t *mn, void *dst, int64_t nrows, int64_t ncols) {
+    return qr_pack_outliers(type, q, d, dmin, sc, mn, NULL, NULL, dst, nrows, ncols);
+}
+
+int qr_unpack(int type, const void *src, uint8_t *q, uint16_t *d, uint16_t *dmin, uint8_t *sc, uint8_t *mn,
+              int64_t nrows, int64_t ncols) {
+    return qr_unpack_outliers(type, src, q, d, dmin, sc, mn, NULL, NULL, nrows, ncols);
 }

@@ -18,6 +18,13 @@ typedef int (*qr_pack_row_fn)(const uint8_t *q, const uint16_t *d, const uint16_
 typedef void (*qr_unpack_row_fn)(const void *x, uint8_t *q, uint16_t *d, uint16_t *dmin,
                                  uint8_t *sc, uint8_t *mn, int64_t n);
 
+/* types with outliers (qr_codec.nout > 0): the same plus nout positions / fp16 values per block */
+typedef int (*qr_pack_out_row_fn)(const uint8_t *q, const uint16_t *d, const uint16_t *dmin,
+                                  const uint8_t *sc, const uint8_t *mn, const uint8_t *oidx,
+                                  const uint16_t *oval, void *y, int64_t n);
+typedef void (*qr_unpack_out_row_fn)(const void *x, uint8_t *q, uint16_t *d, uint16_t *dmin,
+                                     uint8_t *sc, uint8_t *mn, uint8_t *oidx, uint16_t *oval, int64_t n);
+
 typedef struct {
     int type;
     int64_t block;      /* weights per block */
@@ -29,10 +36,14 @@ typedef struct {
     qr_dequant_row_fn dequantize;
     qr_pack_row_fn pack;
     qr_unpack_row_fn unpack;
+    int nout;           /* outliers per block (custom types); pack/unpack then NULL, these set */
+    qr_pack_out_row_fn pack_out;
+    qr_unpack_out_row_fn unpack_out;
 } qr_codec;
 
 /* Each codec file exports a lookup returning its codec for a type id, or NULL. */
 const qr_codec *qr_codec_legacy(int type); /* quant_legacy.c: Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 IQ4_NL */
 const qr_codec *qr_codec_k(int type);      /* quant_k.c: Q2_K Q3_K Q4_K Q5_K Q6_K */
+const qr_codec *qr_codec_custom(int type); /* quant_custom.c: QR4_KO (qrealign's own, id 240) */
 
 #endif

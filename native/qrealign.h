@@ -49,6 +49,18 @@ int qr_pack(int type, const uint8_t *q, const uint16_t *d, const uint16_t *dmin,
 int qr_unpack(int type, const void *src, uint8_t *q, uint16_t *d, uint16_t *dmin,
               uint8_t *sc, uint8_t *mn, int64_t nrows, int64_t ncols);
 
+/* Types with outliers (qrealign's custom QR4_KO, id 240, native/qr_custom.h): nout outliers per block,
+ * 0 for every other type. qr_pack / qr_unpack reject such a type (QR_E_ARG); use these, which add
+ *   oidx : nrows*nb*nout uint8 outlier positions inside their block, strictly increasing per block
+ *   oval : nrows*nb*nout fp16 bit patterns of the outliers' values
+ * For a type without outliers they are qr_pack / qr_unpack (oidx, oval ignored). */
+int qr_type_outliers(int type);
+int qr_pack_outliers(int type, const uint8_t *q, const uint16_t *d, const uint16_t *dmin,
+                     const uint8_t *sc, const uint8_t *mn, const uint8_t *oidx, const uint16_t *oval,
+                     void *dst, int64_t nrows, int64_t ncols);
+int qr_unpack_outliers(int type, const void *src, uint8_t *q, uint16_t *d, uint16_t *dmin,
+                       uint8_t *sc, uint8_t *mn, uint8_t *oidx, uint16_t *oval, int64_t nrows, int64_t ncols);
+
 /* fp32 <-> fp16 / bf16 with ggml's rounding (round to nearest even; bf16 keeps NaN quiet). */
 void qr_fp32_to_fp16(const float *src, uint16_t *dst, int64_t n);
 void qr_fp16_to_fp32(const uint16_t *src, float *dst, int64_t n);

@@ -76,12 +76,16 @@ class BlockParams:
     """A tensor's quantization decisions in the format's own parameterization (see native/qrealign.h).
 
     q: (rows, cols) uint8 codes; d/dmin: (rows, nblocks) float16; sc/mn: (rows, nblocks, nsub) uint8.
+    Types with outliers (QR4_KO): oidx (rows, nblocks, n_outliers) uint8 positions inside the block,
+    strictly increasing, and oval (rows, nblocks, n_outliers) float16 values.
     """
     q: np.ndarray
     d: np.ndarray
     dmin: np.ndarray | None = None
     sc: np.ndarray | None = None
     mn: np.ndarray | None = None
+    oidx: np.ndarray | None = None
+    oval: np.ndarray | None = None
 
 
 def pack(t: QType | str, p: BlockParams) -> np.ndarray:
@@ -93,8 +97,12 @@ def pack(t: QType | str, p: BlockParams) -> np.ndarray:
     f16 = lambda a: None if a is None else np.ascontiguousarray(a, dtype=np.float16).view(np.uint16)  # noqa: E731
     u8 = lambda a: None if a is None else np.ascontiguousarray(a, dtype=np.uint8)  # noqa: E731
     d, dmin, sc, mn = f16(p.d), f16(p.dmin), u8(p.sc), u8(p.mn)
-    _check(_lib.qr_pack(t.id, _ptr(q, "uint8_t *"), _ptr(d, "uint16_t *"), _ptr(dmin, "uint16_t *"),
-                        _ptr(sc, "uint8_t *"), _ptr(mn, "uint8_t *"), _ptr(out, "void *"), rows, cols),
+    oidx, oval = (u8(p.oidx), f16(p.oval)) if t.n_outliers else (None, None)
+    if t.n_outliers and (oidx is None or oval is None):
+        raise ValueError(f"pack {t.name}: the outliers (oidx, oval) are required")
+    _check(_lib.qr_pack_outliers(t.id, _ptr(q, "uint8_t *"), _ptr(d, "uint16_t *"), _ptr(dmin, "uint16_t *"),
+                                 _ptr(sc, "uint8_t *"), _ptr(mn, "uint8_t *"), _ptr(oidx, "uint8_t *"),
+                                 _ptr(oval, "uint16_t *"), _ptr(out, "void *"), rows, cols),
            f"pack {t.name}")
     return out
 
@@ -108,11 +116,14 @@ def unpack(data: np.ndarray, t: QType | str, cols: int) -> BlockParams:
     p = BlockParams(q=np.empty((rows, cols), np.uint8), d=np.empty((rows, nb), np.float16),
                     dmin=np.empty((rows, nb), np.float16) if t.has_min else None,
                     sc=np.empty((rows, nb, t.nsub), np.uint8) if t.nsub else None,
-                    mn=np.empty((rows, nb, t.nsub), np.uint8) if t.has_min and t.nsub else None)
+                    mn=np.empty((rows, nb, t.nsub), np.uint8) if t.has_min and t.nsub else None,
+                    oidx=np.empty((rows, nb, t.n_outliers), np.uint8) if t.n_outliers else None,
+                    oval=np.empty((rows, nb, t.n_outliers), np.float16) if t.n_outliers else None)
     v16 = lambda a: None if a is None else a.view(np.uint16)  # noqa: E731
-    _check(_lib.qr_unpack(t.id, _ptr(data, "void *"), _ptr(p.q, "uint8_t *"), _ptr(v16(p.d), "uint16_t *"),
-                          _ptr(v16(p.dmin), "uint16_t *"), _ptr(p.sc, "uint8_t *"), _ptr(p.mn, "uint8_t *"),
-                          rows, cols), f"unpack {t.name}")
+    _check(_lib.qr_unpack_outliers(t.id, _ptr(data, "void *"), _ptr(p.q, "uint8_t *"), _ptr(v16(p.d), "uint16_t *"),
+                                   _ptr(v16(p.dmin), "uint16_t *"), _ptr(p.sc, "uint8_t *"), _ptr(p.mn, "uint8_t *"),
+                                   _ptr(p.oidx, "uint8_t *"), _ptr(v16(p.oval), "uint16_t *"), rows, cols),
+           f"unpack {t.name}")
     return p
 
 

@@ -1,6 +1,16 @@
 """The GGUF tensor types qrealign-gguf writes: ids, block geometry, names.
 
 Facts only (ids and sizes are ggml's); this module knows nothing about models.
+
+Custom types: qrealign-gguf also defines its own tensor types, flagged `custom`, with ids in the range
+qrealign reserves, 240..249 (upstream ggml's ids end at 42 in the pinned tree; forks have used 142-143).
+gguf-py's GGMLQuantizationType does not know them, so `ggml` is then a plain int and files holding them
+are read through qrealign_gguf.gguf_read. Only llama.cpp with native/llama_patches applied runs them.
+Their C definition is native/qr_custom.h.
+
+  QR4_KO (240)  "Q4_K + outliers": per 256 weights a standard Q4_K block (144 bytes) followed by uint8 idx[4]
+                (outlier positions, strictly increasing) and fp16 val[4]; dequantized as Q4_K, then
+                y[idx[j]] = val[j]. 156 bytes per 256 weights = 4.875 bits per weight.
 """
 from __future__ import annotations
 
@@ -12,12 +22,15 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 @dataclass(frozen=True)
 class QType:
     name: str
-    ggml: T
+    ggml: T | int  # gguf-py's enum member; a plain int for custom types (gguf-py does not know them)
     block_size: int  # weights per block
     type_size: int  # bytes per block
     has_min: bool = False  # affine (d, m) rather than symmetric (d)
     nsub: int = 0  # sub-blocks per block carrying their own scale codes (K-quants)
     native: bool = True  # encoded by our C codec (F32/F16/BF16 are plain casts)
+    custom: bool = False  # qrealign's own type (id 240..249): stock llama.cpp cannot load it
+    n_outliers: int = 0  # per block: fp16 values replacing the block format's value at their positions
+    base: str | None = None  # custom types: the ggml type their block embeds (QR4_KO: Q4_K)
 
     @property
     def id(self) -> int:
@@ -52,7 +65,28 @@ QTYPES: dict[str, QType] = {q.name: q for q in (
     _q("Q4_K", has_min=True, nsub=8),
     _q("Q5_K", has_min=True, nsub=8),
     _q("Q6_K", nsub=16),
+    QType("QR4_KO", 240, 256, 156, has_min=True, nsub=8, custom=True, n_outliers=4, base="Q4_K"),
 )}
+CUSTOM_IDS = range(240, 250)  # reserved by qrealign-gguf
+
+
+class CustomGGMLType(int):
+    """Stand-in for a GGMLQuantizationType member where gguf-py has none (custom types): .name and .value."""
+
+    @property
+    def name(self) -> str:
+        return by_id(int(self)).name
+
+    @property
+    def value(self) -> int:
+        return int(self)
+
+    def __repr__(self) -> str:
+        return f"<CustomGGMLType.{self.name}: {int(self)}>"
+
+
+def custom_types() -> list[QType]:
+    return [q for q in QTYPES.values() if q.custom]
 
 
 def qtype(name: str) -> QType:
@@ -68,3 +102,13 @@ def by_id(type_id: int) -> QType:
         if q.id == type_id:
             return q
     raise ValueError(f"tensor type id {type_id} is not one qrealign-gguf writes")
+
+
+def ggml_type_of(type_id: int) -> T | CustomGGMLType:
+    """gguf-py's enum member for an upstream id, our stand-in for a custom one; ValueError for others."""
+    try:
+        return T(type_id)
+    except ValueError:
+        if any(q.custom and q.id == type_id for q in QTYPES.values()):
+            return CustomGGMLType(type_id)
+        raise

@@ -1,0 +1,38 @@
+/* qrealign's custom GGUF tensor types: ids, block geometry, byte layout. The one C definition of them
+ * (the Python twin is qrealign_gguf/formats/types.py, the llama.cpp side native/llama_patches/).
+ *
+ * Type ids: qrealign reserves 240..249, far from upstream ggml (ids <= 42 in the pinned tree) and from
+ * the ids forks have taken (142, 143). Stock llama.cpp rejects a file using them ("invalid ggml type").
+ *
+ * QR4_KO (240), "Q4_K + outliers": a super-block of 256 weights, 156 bytes (4.875 bits per weight):
+ *   bytes   0..143  a standard Q4_K block (fp16 d, fp16 dmin, 12 scale bytes, 128 bytes of 4-bit codes),
+ *                   same layout and meaning as ggml's block_q4_K
+ *   bytes 144..147  uint8 idx[4]: outlier positions inside the 256, strictly increasing
+ *   bytes 148..155  fp16 val[4] (little endian): the outliers' values
+ * Dequantization: the Q4_K dequantization of bytes 0..143, then y[idx[j]] = fp16_to_fp32(val[j]).
+ */
+#ifndef QR_CUSTOM_H
+#define QR_CUSTOM_H
+#include <stdint.h>
+
+#define QR_QR4_KO 240
+#define QR4_KO_NOUT 4                               /* outliers per super-block */
+#define QR4_KO_Q4K_BYTES 144                        /* the embedded Q4_K block */
+#define QR4_KO_IDX_OFF QR4_KO_Q4K_BYTES             /* uint8 idx[4] */
+#define QR4_KO_VAL_OFF (QR4_KO_IDX_OFF + QR4_KO_NOUT) /* fp16 val[4] */
+#define QR4_KO_SIZE (QR4_KO_VAL_OFF + 2 * QR4_KO_NOUT) /* 156 */
+
+/* the layout as a struct, for readers of the format (the codec reads bytes, not this struct) */
+typedef struct {
+    uint16_t d, dmin;            /* fp16 */
+    uint8_t scales[12];
+    uint8_t qs[128];
+    uint8_t idx[QR4_KO_NOUT];
+    uint16_t val[QR4_KO_NOUT];   /* fp16 */
+} qr_block_qr4_ko;
+
+#if !defined(__cplusplus) && defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L
+_Static_assert(sizeof(qr_block_qr4_ko) == QR4_KO_SIZE, "QR4_KO block must be 156 bytes");
+#endif
+
+#endif
