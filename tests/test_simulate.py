@@ -117,6 +117,12 @@ def test_dequant_of_arbitrary_codes(name: str) -> None:
                           dmin=f16((rows, nb)) if t.has_min else None,
                           sc=codes(f.sc_lo, f.sc_hi, f.sc_off, sub) if t.nsub else None,
                           mn=codes(0, f.mn_hi, 0, sub) if f.mn_hi else None)
+    if t.n_outliers:  # QR4_KO: random increasing positions, random fp16 values (incl. inf / nan)
+        n = t.n_outliers
+        p.oidx = np.sort(np.stack([[rng.choice(t.block_size, n, replace=False) for _ in range(nb)] for _ in range(rows)]),
+                         axis=-1).astype(np.uint8)
+        p.oval = f16((rows, nb, n))
+        p.oval[0, 0, :2] = [np.inf, np.nan]
     packed = codec.pack(name, p)
     _same(sim.dequant(name, sim.to_torch(p)), codec.dequantize(packed, name, cols), name)
 
@@ -238,3 +244,27 @@ def test_cuda_is_bit_identical(name: str) -> None:
     _same(w_hat, codec.dequantize(codec.pack(name, sim.export(name, xc, L)), name, cols), f"{name} export")
     ((w_hat - xc) ** 2).sum().backward()
     assert torch.isfinite(L.v.grad).all()
+
+
+def test_qr4ko_outliers_stay_fixed() -> None:
+    """QR4_KO realigns its Q4_K part only: after any move of the learnables the outliers are the encoder's,
+    exported unchanged, and take no gradient; fake_quant still equals the C decoder bit for bit."""
+    name, cols = "QR4_KO", COLS
+    x = torch.from_numpy(_weights(cols, 12))
+    im = _imatrix(cols, 13)
+    packed = codec.quantize(x.numpy(), name, im)
+    start = codec.unpack(packed, name, cols)
+    L = sim.init_params(name, x, packed)
+    _perturb(L, 4)
+    w_hat = sim.fake_quant(name, x, L)
+    bp = sim.export(name, x, L)
+    np.testing.assert_array_equal(bp.oidx, start.oidx)
+    np.testing.assert_array_equal(bp.oval.view(np.uint16), start.oval.view(np.uint16))
+    _same(w_hat, codec.dequantize(codec.pack(name, bp), name, cols), name)
+    # the outlier positions carry the fp16 values, whatever the Q4_K part does
+    rows, nb = x.shape[0], cols // 256
+    pos = (torch.from_numpy(start.oidx).long() + torch.arange(nb).view(1, nb, 1) * 256).reshape(rows, -1)
+    assert torch.equal(w_hat.gather(1, pos), torch.from_numpy(start.oval.astype(np.float32)).reshape(rows, -1))
+    w_hat.sum().backward()
+    vg = L.v.grad.reshape(rows, -1).gather(1, pos)
+    assert torch.all(vg == 0)

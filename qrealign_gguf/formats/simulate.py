@@ -19,6 +19,12 @@ init_params / fake_quant / export (Q-realign's inner loop, weight-only)
     out, so codec.dequantize(codec.pack(export(...))) == fake_quant(...) bit for bit at every step.
     Call Learn.project_() after each optimizer step to keep the learnables in range.
 
+Custom types with outliers (QR4_KO = Q4_K + 4 fp16 outliers per 256 weights): dequant is the base
+format's, then the outliers replace their positions (as the C decoder). For realignment the outliers stay
+fixed at the encoder's choice (positions and fp16 values: Learn.oidx / Learn.oval, not learnable) and the
+learnables are those of the Q4_K part; fake_quant's value at an outlier position is the outlier, so its
+rounding offset gets no gradient and export writes the start's outliers back.
+
 Why auto-round's SignRound (additive offset V in [-0.5, 0.5], rounded with a straight-through estimator)
 and not AdaRound's rectified sigmoid: the forward pass is the hard, deployable weight at every step
 (AdaRound trains a soft interpolation and needs a regulariser and annealing before it is exact), so the
@@ -76,6 +82,7 @@ FORMATS: dict[str, _Fmt] = {
     "Q4_K": _Fmt("k", 0, 15, sc_hi=63, mn_hi=63),
     "Q5_K": _Fmt("k", 0, 31, sc_hi=63, mn_hi=63),
     "Q6_K": _Fmt("k", -32, 31, 32, sc_lo=-128, sc_hi=127),
+    "QR4_KO": _Fmt("k", 0, 15, sc_hi=63, mn_hi=63),  # qrealign's Q4_K + outliers (formats/types.py)
 }
 
 
@@ -132,9 +139,18 @@ def _combine(S: Tensor, value: Tensor, B: Tensor | None) -> Tensor:
     return y if B is None else y + B
 
 
+def _put_outliers(y: Tensor, qt: QType, oidx: Tensor, oval: Tensor) -> Tensor:
+    """y (rows, cols) with y[block b, position oidx[b, j]] = oval[b, j] (float16 -> float32, exact)."""
+    rows, cols = y.shape
+    nb = cols // qt.block_size
+    base = torch.arange(nb, device=y.device).view(1, nb, 1) * qt.block_size
+    pos = (oidx.to(y.device).long() + base).reshape(rows, -1)
+    return y.scatter(1, pos, oval.to(y.device).float().reshape(rows, -1))
+
+
 def to_torch(p: codec.BlockParams, device: torch.device | str | None = None) -> dict[str, Tensor]:
-    """BlockParams (numpy) -> the dict dequant takes: uint8 codes, float16 scales."""
-    out = {k: getattr(p, k) for k in ("q", "d", "dmin", "sc", "mn") if getattr(p, k) is not None}
+    """BlockParams (numpy) -> the dict dequant takes: uint8 codes, float16 scales (+ uint8 oidx, float16 oval)."""
+    out = {k: getattr(p, k) for k in ("q", "d", "dmin", "sc", "mn", "oidx", "oval") if getattr(p, k) is not None}
     return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in out.items()}
 
 
@@ -149,7 +165,8 @@ def dequant(t: QType | str, params: dict[str, Tensor]) -> Tensor:
     S, B = FAMILIES[f.family](f, d, dmin, sc, mn)
     level = _level(q, f.lo, f.qoff)
     value = _table(level)[level.long()] if f.family == "iq4nl" else level
-    return _combine(S, _blocks(value, qt), B).reshape(q.shape)
+    y = _combine(S, _blocks(value, qt), B).reshape(q.shape)
+    return _put_outliers(y, qt, params["oidx"], params["oval"]) if qt.n_outliers else y
 
 
 # ---- learnable parameterization ----------------------------------------------------------------------
@@ -194,6 +211,8 @@ class Learn:
     m_mul: Tensor | None = None
     sc_off: Tensor | None = None
     mn_off: Tensor | None = None
+    oidx: Tensor | None = None  # types with outliers: fixed positions (rows, nb, n) uint8 ...
+    oval: Tensor | None = None  # ... and fp16 values (rows, nb, n) float16, not learned
 
     def parameters(self) -> list[Tensor]:
         return [t for t in (self.v, self.d_mul, self.m_mul, self.sc_off, self.mn_off) if t is not None]
@@ -256,7 +275,10 @@ def _forward(t: QType | str, W: Tensor, L: Learn) -> tuple[Tensor, Tensor, tuple
         tab = _table(z)
         soft = _interp(z.clamp(f.lo, f.hi), torch.arange(16, dtype=torch.float32, device=z.device), tab)
         value = _ste(tab[level.detach().long()], soft)
-    return _combine(S, value, B).reshape(W.shape), level, scales
+    w_hat = _combine(S, value, B).reshape(W.shape)
+    if qt.n_outliers:
+        w_hat = _put_outliers(w_hat, qt, L.oidx, L.oval)
+    return w_hat, level, scales
 
 
 def init_params(t: QType | str, W: Tensor | np.ndarray, packed: np.ndarray | None = None,
@@ -278,7 +300,8 @@ def init_params(t: QType | str, W: Tensor | np.ndarray, packed: np.ndarray | Non
     zeros = lambda x: None if x is None else torch.zeros_like(x, requires_grad=True)  # noqa: E731
     ones = lambda x: None if x is None else torch.ones_like(x, requires_grad=True)  # noqa: E731
     L = Learn(qt.name, q0, q0, q0, torch.ones_like(q0, dtype=torch.bool), d0, m0, sc0, mn0,
-              v=zeros(q0), d_mul=ones(d0), m_mul=ones(m0), sc_off=zeros(sc0), mn_off=zeros(mn0))
+              v=zeros(q0), d_mul=ones(d0), m_mul=ones(m0), sc_off=zeros(sc0), mn_off=zeros(mn0),
+              oidx=bp.get("oidx"), oval=bp.get("oval"))
     with torch.no_grad():
         S, B = FAMILIES[f.family](f, *_scales(f, L))
         L.live0 = (S != 0).expand_as(q0)
@@ -301,4 +324,6 @@ def export(t: QType | str, W: Tensor, learn: Learn) -> codec.BlockParams:
     f16 = lambda x: None if x is None else x.to(torch.float16).cpu().numpy()  # noqa: E731
     return codec.BlockParams(
         q=_code(level, f.qoff).reshape(W.shape), d=f16(d), dmin=f16(dmin),
-        sc=None if sc is None else _code(sc, f.sc_off), mn=None if mn is None else _code(mn, 0))
+        sc=None if sc is None else _code(sc, f.sc_off), mn=None if mn is None else _code(mn, 0),
+        oidx=None if learn.oidx is None else learn.oidx.cpu().numpy(),
+        oval=None if learn.oval is None else learn.oval.cpu().numpy())
