@@ -58,7 +58,7 @@ def _size(text: str) -> int:
 def convert(
     model: Path = typer.Argument(..., help="Hugging Face model directory (config.json + *.safetensors)"),
     output: Path = typer.Option(Path("."), "-o", "--output", help="output .gguf file, or a directory for <Name>-<Size>-<TYPE>.gguf"),
-    outtype: str = typer.Option("Q8_0", "--outtype", help="F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K(_S/_M/_L) Q4_K(_S/_M) Q5_K(_S/_M) Q6_K"),
+    outtype: str = typer.Option("Q8_0", "--outtype", help="F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K(_S/_M/_L) Q4_K(_S/_M) Q5_K(_S/_M) Q6_K, or QR4_KO (qrealign's own Q4_K + outliers type: patched llama.cpp only, see `qrealign-gguf run`)"),
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="llama.cpp imatrix GGUF for importance-aware rounding"),
     calib: Optional[Path] = typer.Option(None, "--calib", help="prompts (.jsonl with 'prompt' or .txt) to compute the importance matrix"),
     calib_samples: int = typer.Option(128, "--calib-samples", help="prompts used from --calib"),
@@ -89,6 +89,8 @@ def convert(
                               metadata=load_metadata_overrides(metadata) if metadata else {}, threads=threads,
                               force=force, device=device)
         plan = make_plan(model, output, opts)
+        if plan.custom_types:
+            _warn_custom(plan.custom_types, plan.output)
         if dry_run:
             _print_plan(plan)
             return
@@ -159,6 +161,22 @@ def probe(
     _run(work)
 
 
+def _warn_custom(types: list[str], output: Path) -> None:
+    """Loud, on stderr: a file with our custom tensor types does not load in stock llama.cpp."""
+    from rich.panel import Panel
+
+    from .formats.types import qtype
+
+    names = ", ".join(f"{n} (id {qtype(n).id})" for n in types)
+    err.print(Panel(
+        f"[bold]{names}[/] is a qrealign-gguf custom tensor type. [bold]Stock llama.cpp (and every app built on it) "
+        f"cannot load this file[/]: it stops with \"invalid ggml type\".\n"
+        f"Run it with the patched llama.cpp (native/llama_patches, built on first use):\n"
+        f"  qrealign-gguf run {output} -- -p \"Hello\" -n 64\n"
+        f"or build it yourself: bash tools/build_llama.sh patched", title="[bold yellow]warning: custom tensor type",
+        border_style="yellow"), highlight=False)
+
+
 def _print_plan(plan) -> None:  # noqa: ANN001 - convert.Plan
     t = Table(title=f"{plan.family.arch} -> {plan.output.name} ({plan.outtype})")
     for col in ("tensor", "shape", "type", "bytes"):
@@ -197,8 +215,40 @@ def inspect(
         out.print(tt)
         out.print(f"{s.n_params:,} weights, {s.tensor_bytes:,} bytes of tensor data, {s.bits_per_weight:.3f} bits per weight; "
                   f"types: {', '.join(f'{k} x{v}' for k, v in s.type_counts.items())}")
+        if s.custom_types:
+            from .llama_runtime import custom_type_note
+            err.print(f"[bold yellow]note:[/] {custom_type_note(path)}", highlight=False, soft_wrap=True)
 
     _run(work)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run(
+    ctx: typer.Context,
+    path: Path = typer.Argument(..., help="GGUF file (any type, including qrealign's custom QR4_KO)"),
+) -> None:
+    """Run a GGUF file in llama-completion of the patched llama.cpp (built on first use); arguments after
+    `--` go to llama-completion, e.g. `qrealign-gguf run m.qrealign.gguf -- -p "Hello" -n 64`."""
+    import subprocess
+
+    from .llama_runtime import LlamaNotFound, find_llama
+
+    def work() -> int:
+        if not path.is_file():
+            raise InputError(f"{path} does not exist")
+        try:
+            b = find_llama("patched", build=False)
+        except LlamaNotFound:
+            err.print("building the patched llama.cpp (first use; ~15 min on 2 cores, cached afterwards)")
+            try:
+                b = find_llama("patched")
+            except LlamaNotFound as e:
+                raise InputError(str(e).splitlines()[0] + " (see tools/build_llama.sh patched)") from None
+        cmd = [str(b.bin("llama-completion")), "-m", str(path), *ctx.args]
+        return subprocess.run(cmd, env=b.env()).returncode
+
+    rc = _run(work)
+    raise typer.Exit(rc or 0)
 
 
 from .evaluate.cli import eval_command; app.command("eval")(eval_command)  # noqa: E402, E702

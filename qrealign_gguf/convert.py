@@ -28,7 +28,8 @@ from .hf_model import HFModel
 from .imatrix import check_imatrix, load_imatrix
 from .models import family_for
 from .models.base import ModelFamily, TensorSource
-from .plan import FILE_TYPE, PlanInput, plan_types, resolve_outtype
+from .gguf_read import GGUFReader
+from .plan import FILE_TYPE, PlanInput, is_custom_outtype, plan_types, resolve_outtype
 
 # progress(tensor_name, index, total, bytes_written_so_far, total_bytes)
 Progress = Callable[[str, int, int, int, int], None]
@@ -75,6 +76,11 @@ class Plan:
     def bits_per_weight(self) -> float:
         return 8.0 * self.total_bytes / max(self.n_params, 1)
 
+    @property
+    def custom_types(self) -> list[str]:
+        """qrealign's own tensor types in this plan (only the patched llama.cpp runs the file)."""
+        return sorted({t.qtype.name for t in self.tensors if t.qtype.custom})
+
 
 @dataclass
 class ConvertResult:
@@ -89,10 +95,12 @@ def _nbytes(t: QType, shape: tuple[int, ...]) -> int:
 
 
 def default_filename(family: ModelFamily, outtype: str, n_params: int) -> str:
-    """<Name>-<Size>-<TYPE>.gguf (gguf-py's naming convention); the size is left out if the name has it."""
+    """<Name>-<Size>-<TYPE>.gguf (gguf-py's naming convention); the size is left out if the name has it.
+    Custom outtypes (QR4_KO) end in .qrealign.gguf: the name says stock llama.cpp will not load it."""
     name = family.model.path.resolve().name
     size = gguf.size_label(n_params, 0, 0, 0)
-    return f"{name}-{outtype}.gguf" if size.lower() in name.lower() else f"{name}-{size}-{outtype}.gguf"
+    ext = ".qrealign.gguf" if is_custom_outtype(outtype) else ".gguf"
+    return f"{name}-{outtype}{ext}" if size.lower() in name.lower() else f"{name}-{size}-{outtype}{ext}"
 
 
 def make_plan(model_dir: str | Path, output: str | Path, opts: ConvertOptions) -> Plan:
@@ -150,7 +158,7 @@ def _encode(x: np.ndarray, t: QType, importance: np.ndarray | None, threads: int
         return codec.to_f16(x)
     if t.name == "BF16":
         return codec.to_bf16(x)
-    if device == "cuda":  # same bytes as the C codec (tests/test_cuda_codec.py)
+    if device == "cuda" and not t.custom:  # same bytes as the C codec (tests/test_cuda_codec.py); custom: C only
         from .formats import cuda_codec
         return cuda_codec.encode(t, x.reshape(-1, x.shape[-1]), importance, device="cuda")
     return codec.quantize(x.reshape(-1, x.shape[-1]), t, imatrix=importance, threads=threads)
@@ -204,7 +212,7 @@ def verify_packed(files: list[Path], packed: dict[str, np.ndarray]) -> None:
     """Read the written file(s) back: every pre-encoded tensor must be there byte for byte."""
     seen = 0
     for f in files:
-        for t in gguf.GGUFReader(f).tensors:
+        for t in GGUFReader(f).tensors:
             want = packed.get(t.name)
             if want is None:
                 continue

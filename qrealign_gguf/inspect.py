@@ -9,6 +9,8 @@ import gguf
 import numpy as np
 
 from .errors import InputError
+from .formats.types import CustomGGMLType
+from .gguf_read import GGUFReader
 
 
 @dataclass
@@ -17,6 +19,7 @@ class TensorRow:
     type_name: str
     shape: tuple[int, ...]  # row-major (numpy order)
     nbytes: int
+    custom: bool = False  # one of qrealign's own types (QR4_KO, ...)
 
 
 @dataclass
@@ -35,6 +38,10 @@ class GGUFSummary:
     @property
     def bits_per_weight(self) -> float:
         return 8.0 * self.tensor_bytes / max(self.n_params, 1)
+
+    @property
+    def custom_types(self) -> list[str]:
+        return sorted({t.type_name for t in self.tensors if t.custom})
 
     @property
     def type_counts(self) -> dict[str, int]:
@@ -61,10 +68,11 @@ def read_gguf_summary(path: str | Path) -> GGUFSummary:
     if not path.is_file():
         raise InputError(f"{path} does not exist")
     try:
-        r = gguf.GGUFReader(path)
+        r = GGUFReader(path)
     except Exception as e:  # noqa: BLE001 - any parse failure means "not a valid GGUF"
         raise InputError(f"{path} is not a readable GGUF file ({e})") from None
     meta = {k: _value(f) for k, f in r.fields.items() if not k.startswith("GGUF.")}
-    rows = [TensorRow(t.name, t.tensor_type.name, tuple(int(x) for x in reversed(t.shape)), int(t.n_bytes))
+    rows = [TensorRow(t.name, t.tensor_type.name, tuple(int(x) for x in reversed(t.shape)), int(t.n_bytes),
+                      isinstance(t.tensor_type, CustomGGMLType))
             for t in r.tensors]
     return GGUFSummary(meta, rows)

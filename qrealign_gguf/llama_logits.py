@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .llama_runtime import LlamaBuild, find_llama
+from .llama_runtime import LlamaBuild, custom_type_note, find_llama
 
 GGML_TYPE_F32 = 0
 
@@ -56,6 +56,9 @@ def _call(build: LlamaBuild | None, req: dict) -> list:
     res = subprocess.run([sys.executable, "-m", "qrealign_gguf.llama_logits"], input=json.dumps(req),
                          capture_output=True, text=True, env=env)
     if res.returncode != 0:
+        note = custom_type_note(req["gguf"]) if b.flavour != "patched" else None
+        if note:  # a QR4_KO (...) file in stock llama.cpp: say why in one line, not with the loader's log
+            raise LlamaCallError(note)
         tail = "\n".join(res.stderr.strip().splitlines()[-15:])
         raise LlamaCallError(f"llama.cpp {req['op']} on {req['gguf']} failed (exit {res.returncode}):\n{tail}")
     return json.loads(res.stdout.strip().splitlines()[-1])

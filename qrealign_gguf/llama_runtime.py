@@ -21,6 +21,7 @@ class LlamaNotFound(RuntimeError):
 @dataclass(frozen=True)
 class LlamaBuild:
     prefix: Path
+    flavour: str = "stock"  # "patched": native/llama_patches applied (runs qrealign's custom tensor types)
 
     def bin(self, name: str) -> Path:
         return self.prefix / "bin" / name
@@ -42,15 +43,37 @@ class LlamaBuild:
 
 
 def find_llama(flavour: str = "stock", build: bool = True) -> LlamaBuild:
-    """The cached pinned build. QREALIGN_LLAMA_PREFIX overrides; otherwise build (or reuse) via the script."""
+    """The cached pinned build. QREALIGN_LLAMA_PREFIX (QREALIGN_LLAMA_PATCHED_PREFIX for "patched") overrides;
+    otherwise build (or reuse) via the script. build=False: only an already-built cache entry, else LlamaNotFound."""
     override = os.environ.get("QREALIGN_LLAMA_PREFIX" if flavour == "stock" else "QREALIGN_LLAMA_PATCHED_PREFIX")
     if override:
-        return LlamaBuild(Path(override))
+        return LlamaBuild(Path(override), flavour)
     if not BUILD_SCRIPT.exists():
         raise LlamaNotFound("llama.cpp build script missing; set QREALIGN_LLAMA_PREFIX to a llama.cpp install prefix")
     if not build:
-        raise LlamaNotFound("pinned llama.cpp not built; run `make llama`")
+        res = subprocess.run(["bash", str(BUILD_SCRIPT), flavour, "--check"], capture_output=True, text=True)
+        if res.returncode != 0:
+            how = "make llama" if flavour == "stock" else f"bash tools/build_llama.sh {flavour}"
+            raise LlamaNotFound(f"pinned llama.cpp ({flavour}) not built; run `{how}`")
+        return LlamaBuild(Path(res.stdout.strip().splitlines()[-1]), flavour)
     res = subprocess.run(["bash", str(BUILD_SCRIPT), flavour], capture_output=True, text=True)
     if res.returncode != 0:
         raise LlamaNotFound(f"building llama.cpp failed:\n{res.stderr[-4000:]}")
-    return LlamaBuild(Path(res.stdout.strip().splitlines()[-1]))
+    return LlamaBuild(Path(res.stdout.strip().splitlines()[-1]), flavour)
+
+
+def custom_type_note(path: str | Path) -> str | None:
+    """One line for a GGUF file stock llama.cpp cannot load (it holds qrealign's custom tensor types), else None."""
+    from .gguf_read import custom_type_names
+
+    try:
+        names = custom_type_names(path)
+    except Exception:  # noqa: BLE001 - not our business to diagnose a broken file here
+        return None
+    if not names:
+        return None
+    from .formats.types import qtype
+
+    ids = ", ".join(f"{n} (type id {qtype(n).id})" for n in names)
+    return (f"{Path(path).name} uses qrealign-gguf's custom tensor type {ids}, which stock llama.cpp rejects "
+            f"(\"invalid ggml type\"); run it with `qrealign-gguf run {path}` (llama.cpp with native/llama_patches)")

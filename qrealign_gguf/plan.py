@@ -20,14 +20,23 @@ OUTTYPES: dict[str, tuple[str, str | None]] = {
     "Q2_K": ("Q2_K", "Q2_K"), "Q3_K_S": ("Q3_K", "Q3_K_S"), "Q3_K_M": ("Q3_K", "Q3_K_M"), "Q3_K_L": ("Q3_K", "Q3_K_L"),
     "Q4_K_S": ("Q4_K", "Q4_K_S"), "Q4_K_M": ("Q4_K", "Q4_K_M"), "Q5_K_S": ("Q5_K", "Q5_K_S"),
     "Q5_K_M": ("Q5_K", "Q5_K_M"), "Q6_K": ("Q6_K", "Q6_K"),
+    # qrealign's custom type (formats/types.py): runs only in llama.cpp with native/llama_patches applied
+    "QR4_KO": ("QR4_KO", "QR4_KO"),
 }
 ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 # llama_ftype values written to general.file_type (llama.h)
 FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10,
              "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16,
-             "Q5_K_M": 17, "Q6_K": 18, "BF16": 32}
+             "Q5_K_M": 17, "Q6_K": 18, "BF16": 32,
+             "QR4_KO": 240}  # ours: LLAMA_FTYPE_MOSTLY_QR4_KO in the patched llama.h (same number as the type id)
 # shape fallback when a row is not a multiple of the block size (llama-quant.cpp tensor_type_fallback)
-FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
+            "QR4_KO": "Q5_0"}  # as Q4_K
+
+
+def is_custom_outtype(outtype: str) -> bool:
+    """An outtype whose base is one of qrealign's custom tensor types (stock llama.cpp cannot load the file)."""
+    return qtype(OUTTYPES[resolve_outtype(outtype)][0]).custom
 
 
 def resolve_outtype(name: str) -> str:
@@ -75,6 +84,10 @@ def _layer(name: str) -> int:
 def _mix_type(mix: str, base: str, cat: str, name: str, cols: int, n_layer: int, n_gqa: int,
               tied: bool, has_imatrix: bool) -> str:
     """llama_tensor_get_type_impl for the mixes we offer (non-MoE, non-falcon)."""
+    if mix == "QR4_KO":  # a pure mix of our custom type; token_embd / output as Q4_K_M would have them
+        if cat in ("output", "token_embd"):
+            return _mix_type("Q4_K_M", "Q4_K", cat, name, cols, n_layer, n_gqa, tied, has_imatrix)
+        return base
     i = _layer(name)
     if cat == "output" or (tied and cat == "token_embd"):
         blk = qtype(base).block_size

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the pinned llama.cpp (vendored in the llama-cpp-python sdist) once and cache it.
 # Cache key = sdist version + hash of our patches + cmake flags, so a changed patch or flag rebuilds.
-# Usage: tools/build_llama.sh [stock|patched]   -> prints the install prefix on the last line.
+# Usage: tools/build_llama.sh [stock|patched] [--check]  -> prints the install prefix on the last line.
+#        --check: build nothing; print the prefix and exit 0 if that build is cached, else exit 1.
 set -euo pipefail
 VERSION=0.3.36
 FLAVOUR=${1:-stock}
@@ -16,6 +17,7 @@ if [ "$FLAVOUR" = patched ]; then patches=$(ls "$ROOT"/native/llama_patches/*.pa
 key=$( { echo "$VERSION $FLAVOUR $FLAGS $TARGETS"; for p in $patches; do cat "$p"; done; } | sha256sum | cut -c1-16)
 prefix="$CACHE/llama.cpp/$VERSION-$FLAVOUR-$key"
 if [ -x "$prefix/bin/llama-completion" ] && [ -f "$prefix/.complete" ]; then echo "$prefix"; exit 0; fi
+if [ "${2:-}" = --check ]; then exit 1; fi
 
 mkdir -p "$CACHE/sdist" "$CACHE/llama.cpp"
 sdist="$CACHE/sdist/llama_cpp_python-$VERSION.tar.gz"

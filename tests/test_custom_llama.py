@@ -1,0 +1,234 @@
+"""QR4_KO files end to end: plan and CLI, stock llama.cpp refusing them (with our one-line reason), and the
+patched llama.cpp (native/llama_patches) reading and running them.
+
+The patched-build tests skip unless that build is cached (`bash tools/build_llama.sh patched`, ~15 min on 2
+cores the first time) or QREALIGN_BUILD_PATCHED=1 asks the test run to build it.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from qrealign_gguf.cli import app
+from qrealign_gguf.convert import ConvertOptions, convert
+from qrealign_gguf.formats import codec
+from qrealign_gguf.formats.types import qtype
+from qrealign_gguf.gguf_read import GGUFReader
+from qrealign_gguf.llama_runtime import LlamaBuild, LlamaNotFound, find_llama
+from tiny_models import make_tiny_llama
+
+runner = CliRunner()
+T = qtype("QR4_KO")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    # hidden 256 / inter 512: every block weight has rows of 256 or 512 -> QR4_KO; untied output
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny_ko") / "hf", hidden=256, inter=512, layers=2, heads=4,
+                           kv_heads=2, tie=False)
+
+
+@pytest.fixture(scope="module")
+def ko_file(tiny, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ko") / "tiny-QR4_KO.qrealign.gguf"
+    convert(tiny, out, ConvertOptions(outtype="QR4_KO"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def patched() -> LlamaBuild:
+    try:
+        return find_llama("patched", build=os.environ.get("QREALIGN_BUILD_PATCHED") == "1")
+    except LlamaNotFound as e:
+        pytest.skip(f"patched llama.cpp not available: {str(e).splitlines()[0]}")
+
+
+# ---- plan, file, CLI (no llama.cpp) -----------------------------------------------------------------
+
+def test_plan_and_written_file(ko_file, tiny) -> None:
+    r = GGUFReader(ko_file)
+    types = {t.name: t.tensor_type.name for t in r.tensors}
+    assert types["token_embd.weight"] == "Q4_K" and types["output.weight"] == "Q6_K"  # as Q4_K_M chooses
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    blocks = [n for n in types if n.startswith("blk.") and not n.endswith("norm.weight")]
+    assert blocks and all(types[n] == "QR4_KO" for n in blocks)
+    assert int(r.fields["general.file_type"].contents()) == 240
+    t = next(t for t in r.tensors if t.name == "blk.0.ffn_down.weight")
+    assert t.data.shape == (256, 512 // 256 * 156) and t.n_bytes == 256 * 2 * 156
+
+
+def test_fallback_for_rows_not_multiple_of_256(tmp_path) -> None:
+    from qrealign_gguf.plan import PlanInput, plan_types
+
+    types = plan_types("QR4_KO", [PlanInput("blk.0.ffn_up.weight", (96, 160)), PlanInput("blk.0.attn_q.weight", (256, 256)),
+                                  PlanInput("blk.0.attn_norm.weight", (160,)), PlanInput("token_embd.weight", (1000, 160))],
+                       n_layer=1, n_head=4, n_head_kv=4)
+    # Q4_K's fallback for a 160-wide row; tied embeddings follow Q4_K_M's output rule (Q8_0 for such rows)
+    assert {k: v.name for k, v in types.items()} == {"blk.0.ffn_up.weight": "Q5_0", "blk.0.attn_q.weight": "QR4_KO",
+                                                     "blk.0.attn_norm.weight": "F32", "token_embd.weight": "Q8_0"}
+    pure = plan_types("QR4_KO", [PlanInput("token_embd.weight", (1000, 256))], n_layer=1, n_head=4, n_head_kv=4, pure=True)
+    assert pure["token_embd.weight"].name == "QR4_KO"
+
+
+def test_cli_default_name_warning_and_inspect(tiny, tmp_path) -> None:
+    r = runner.invoke(app, ["convert", str(tiny), "-o", str(tmp_path), "--outtype", "qr4_ko"])
+    assert r.exit_code == 0, r.output
+    files = list(tmp_path.glob("*.gguf"))
+    assert len(files) == 1 and files[0].name.endswith("-QR4_KO.qrealign.gguf"), files
+    assert "stock llama.cpp" in r.stderr.lower() and "qrealign-gguf run" in r.stderr
+    r = runner.invoke(app, ["inspect", str(files[0])])
+    assert r.exit_code == 0, r.output
+    assert "QR4_KO" in r.stdout and "4.875" not in r.stdout  # mixed file: Q4_K / Q6_K embeddings
+    note = [ln for ln in r.stderr.splitlines() if "custom tensor type" in ln]
+    assert len(note) == 1 and "qrealign-gguf run" in note[0]
+
+
+def test_decoded_file_tensors_match_codec(ko_file, tiny) -> None:
+    """What the file holds decodes to the C codec's encoding of the HF weight."""
+    from safetensors.numpy import load_file
+
+    w = load_file(str(next(tiny.glob("*.safetensors"))))["model.layers.0.mlp.down_proj.weight"]
+    t = next(t for t in GGUFReader(ko_file).tensors if t.name == "blk.0.ffn_down.weight")
+    np.testing.assert_array_equal(np.asarray(t.data), codec.quantize(w.astype(np.float32), T))
+
+
+# ---- stock llama.cpp refuses, our tools say why ------------------------------------------------------
+
+def test_stock_llama_refuses_and_we_explain(ko_file, llama) -> None:
+    res = subprocess.run([str(llama.bin("llama-completion")), "-m", str(ko_file), "-p", "hi", "-n", "1", "-no-cnv"],
+                         env=llama.env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert "invalid ggml type 240" in res.stderr
+    from qrealign_gguf.llama_logits import LlamaCallError, logits
+
+    with pytest.raises(LlamaCallError) as ei:
+        logits(ko_file, [1, 2, 3], build=llama)
+    msg = str(ei.value)
+    assert len(msg.splitlines()) == 1 and "QR4_KO" in msg and "qrealign-gguf run" in msg, msg
+
+
+# ---- the patched llama.cpp -------------------------------------------------------------------------
+
+def _ggml(build: LlamaBuild):
+    from cffi import FFI
+
+    ffi = FFI()
+    ffi.cdef("""
+        typedef void (*to_float_t)(const void * x, float * y, int64_t k);
+        typedef void (*from_float_t)(const float * x, void * y, int64_t k);
+        struct ggml_type_traits { const char * type_name; int64_t blck_size; int64_t blck_size_interleave;
+                                  size_t type_size; bool is_quantized; to_float_t to_float; from_float_t from_float_ref; };
+        const struct ggml_type_traits * ggml_get_type_traits(int type);
+        size_t ggml_quantize_chunk(int type, const float * src, void * dst, int64_t start, int64_t nrows,
+                                   int64_t n_per_row, const float * imatrix);
+        bool ggml_validate_row_data(int type, const void * data, size_t nbytes);
+        const char * ggml_type_name(int type);
+    """)
+    return ffi, ffi.dlopen(str(build.lib_dir / "libggml-base.so"))
+
+
+def _heavy(rows: int, cols: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_t(2.5, (rows, cols)) * 0.02).astype(np.float32)
+
+
+def test_patched_ggml_traits_and_to_float(patched) -> None:
+    ffi, lib = _ggml(patched)
+    tr = lib.ggml_get_type_traits(240)
+    assert ffi.string(tr.type_name) == b"qr4_ko" and tr.blck_size == 256 and tr.type_size == 156 and tr.is_quantized
+    x = _heavy(8, 1024, 1)
+    ours = codec.quantize(x, T)
+    y = np.empty_like(x)
+    tr.to_float(ffi.cast("void *", ours.ctypes.data), ffi.cast("float *", y.ctypes.data), x.size)
+    np.testing.assert_array_equal(y.view(np.uint32), codec.dequantize(ours, T, 1024).view(np.uint32))
+    assert lib.ggml_validate_row_data(240, ffi.cast("void *", ours.ctypes.data), ours.nbytes)
+
+
+@pytest.mark.parametrize("use_im", [False, True])
+def test_patched_ggml_quantizer_is_byte_identical(patched, use_im: bool) -> None:
+    """ggml_quantize_chunk(QR4_KO) in the patched tree (its own implementation) writes our bytes."""
+    ffi, lib = _ggml(patched)
+    x = _heavy(16, 768, 2)
+    x[3] = 0
+    x[4, ::5] = 30.0
+    im = np.random.default_rng(3).uniform(0.1, 5, 768).astype(np.float32) if use_im else None
+    out = np.zeros((16, 3 * 156), np.uint8)
+    n = lib.ggml_quantize_chunk(240, ffi.cast("float *", x.ctypes.data), ffi.cast("void *", out.ctypes.data), 0, 16, 768,
+                                ffi.NULL if im is None else ffi.cast("float *", im.ctypes.data))
+    assert n == out.nbytes
+    np.testing.assert_array_equal(out, codec.quantize(x, T, imatrix=im))
+    if not use_im:  # from_float_ref (ggml's reference row quantizer) is the no-imatrix encoding
+        ref = np.zeros_like(out)
+        lib.ggml_get_type_traits(240).from_float_ref(ffi.cast("float *", x.ctypes.data), ffi.cast("void *", ref.ctypes.data), x.size)
+        np.testing.assert_array_equal(ref, out)
+
+
+def _unpermute(x: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of models.base.permute_rotary (llama's Q/K row order in GGUF -> HF's)."""
+    rows = x.shape[0]
+    return x.reshape(n_head, rows // n_head // 2, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+
+def _reference_logits(hf_dir: Path, gguf_file: Path, tokens: list[int]) -> np.ndarray:
+    """HF forward pass (float32) with every quantized weight replaced by its dequantized file value (our codec)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qrealign_gguf.hf_model import HFModel
+    from qrealign_gguf.models import family_for
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    fam = family_for(HFModel(hf_dir))
+    hf_name = {s.name: s.hf_name for s in fam.tensors()}
+    sd = model.state_dict()
+    with torch.no_grad():
+        for t in GGUFReader(gguf_file).tensors:
+            tname = t.tensor_type.name
+            if tname in ("F32", "F16", "BF16"):
+                continue
+            rows, cols = int(np.prod(t.shape[1:])), int(t.shape[0])
+            w = codec.dequantize(np.asarray(t.data).reshape(rows, -1), qtype(tname), cols)
+            if ".attn_q." in t.name:
+                w = _unpermute(w, fam.n_head)
+            elif ".attn_k." in t.name:
+                w = _unpermute(w, fam.n_head_kv)
+            target = sd[hf_name[t.name]]
+            assert tuple(target.shape) == w.shape, t.name
+            target.copy_(torch.from_numpy(w))
+        return model(torch.tensor([tokens])).logits[0].float().numpy()
+
+
+def test_patched_llama_runs_qr4ko_and_matches_reference(patched, ko_file, tiny, tmp_path) -> None:
+    """Patched llama.cpp on the QR4_KO file vs an HF float32 forward pass with the file's dequantized weights.
+    The difference comes from llama.cpp quantizing activations to Q8_K for the mat-muls; the same comparison
+    on a Q4_K_M file of the same model (upstream kernels only) measures that noise, and QR4_KO must stay close."""
+    from qrealign_gguf.llama_logits import logits, tokenize
+
+    tokens = tokenize(ko_file, "The quick brown fox jumps over the lazy dog, then naps.", build=patched)
+    q4 = tmp_path / "tiny-Q4_K_M.gguf"
+    convert(tiny, q4, ConvertOptions(outtype="Q4_K_M", pure=True))
+    errs = {}
+    for name, f in (("QR4_KO", ko_file), ("Q4_K", q4)):
+        got = logits(f, tokens, build=patched)
+        assert np.isfinite(got).all()
+        want = _reference_logits(tiny, f, tokens)
+        errs[name] = (float(np.abs(got - want).max()), float(np.abs(want).max()),
+                      float((got.argmax(-1) == want.argmax(-1)).mean()))
+    print(f"max |logit diff| vs dequantized HF reference (max |logit|, argmax agreement): {errs}")
+    e_ko, scale, agree = errs["QR4_KO"]
+    assert e_ko < 3 * errs["Q4_K"][0] + 1e-3, errs
+    assert e_ko < 0.05 * max(scale, 1.0) and agree >= 0.9, errs
+
+
+def test_cli_run_uses_patched_build(patched, ko_file) -> None:
+    env = dict(os.environ, QREALIGN_LLAMA_PATCHED_PREFIX=str(patched.prefix))
+    res = subprocess.run([str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "qrealign-gguf"), "run", str(ko_file),
+                          "--", "-p", "Hello", "-n", "4", "-no-cnv", "--temp", "0"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "Hello" in res.stdout
