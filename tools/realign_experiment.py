@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="variant names to (re)build")
     ap.add_argument("--variants", nargs="*", help="build and evaluate only these variants (default: all)")
     ap.add_argument("--no-eval", action="store_true", help="convert only")
+    ap.add_argument("--judge", type=Path, help="aligned model file for the model judge (default OUT/aligned-F16.gguf)")
     a = ap.parse_args()
     out = a.out
     out.mkdir(parents=True, exist_ok=True)
@@ -84,7 +85,7 @@ def main() -> None:
     report = out / "report.json"
     cmd = [CLI, "eval", *files, "--harmful", str(DATA / "dev_harmful.jsonl"),
            "--overrefusal", str(DATA / "dev_overrefusal.jsonl"), "--benign", str(DATA / "dev_benign.jsonl"),
-           "--reference", str(out / "finetuned-F16.gguf"), "--judge", str(out / "aligned-F16.gguf"),
+           "--reference", str(out / "finetuned-F16.gguf"), "--judge", str(a.judge or out / "aligned-F16.gguf"),
            "--max-new-tokens", str(a.max_new_tokens), "--json", str(report), "--plot", str(out / "report.png"),
            "--cache", str(out / "answers")]
     if a.limit:
