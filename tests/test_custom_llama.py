@@ -232,3 +232,45 @@ def test_cli_run_uses_patched_build(patched, ko_file) -> None:
                          capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "Hello" in res.stdout
+
+
+# ---- realignment targets QR4_KO --------------------------------------------------------------------
+
+def test_realign_writes_qr4ko_blocks(tiny, tmp_path) -> None:
+    """The Q-realign pipeline learns QR4_KO's Q4_K part (outliers fixed) and the file holds its blocks."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qrealign_gguf.convert import make_plan
+    from qrealign_gguf.prompts import load_prompts
+    from qrealign_gguf.realign.calibrate import RealignSettings
+    from qrealign_gguf.realign.hidden import last_token_states, model_signature
+    from qrealign_gguf.realign.pipeline import realign_model
+    from qrealign_gguf.realign.probes import ProbeSet
+
+    n = 4
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    states = last_token_states(model, AutoTokenizer.from_pretrained(tiny), load_prompts("builtin:harmful", limit=n))
+    n_layers, hidden = states.shape[1:]
+    u = torch.randn(n_layers, hidden, generator=torch.Generator().manual_seed(0))
+    u = u / u.norm(dim=1, keepdim=True)
+    proj = torch.einsum("nlh,lh->nl", states, u)
+    probes = ProbeSet(torch.zeros(n_layers, hidden), torch.ones(n_layers, hidden), u / proj.std(0)[:, None],
+                      -(proj.mean(0) / proj.std(0)) - 1.0, torch.ones(n_layers), torch.ones(n_layers),
+                      torch.ones(n_layers), list(range(n_layers)), model_signature(tiny))
+    out = tmp_path / "realigned-QR4_KO.qrealign.gguf"
+    plan = make_plan(tiny, out, ConvertOptions(outtype="QR4_KO"))
+    packed = realign_model(tiny, plan, probes, RealignSettings(harm_weight=1.0, iters=4, n_benign=n, n_harmful=n,
+                                                               margin=1.0, batch=4),
+                           checkpoint_dir=tmp_path / "ckpt")
+    ko = [p.source for p in plan.tensors if p.qtype.name == "QR4_KO"]
+    assert ko and all(s.name in packed for s in ko)
+    changed = 0
+    for s in ko:
+        start = codec.unpack(codec.quantize(s.load(), T), T, s.shape[-1])
+        got = codec.unpack(packed[s.name], T, s.shape[-1])
+        np.testing.assert_array_equal(got.oidx, start.oidx)  # outliers fixed by design
+        np.testing.assert_array_equal(got.oval.view(np.uint16), start.oval.view(np.uint16))
+        changed += int((got.q != start.q).sum())
+    assert changed > 0  # the Q4_K part did move
+    convert(tiny, out, ConvertOptions(outtype="QR4_KO", packed=packed))  # verify_packed reads it back (custom reader)
