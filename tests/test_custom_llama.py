@@ -97,6 +97,20 @@ def test_decoded_file_tensors_match_codec(ko_file, tiny) -> None:
     np.testing.assert_array_equal(np.asarray(t.data), codec.quantize(w.astype(np.float32), T))
 
 
+def test_cli_run_plumbing(ko_file, tmp_path, monkeypatch) -> None:
+    """`run FILE -- args` execs the patched build's llama-completion with -m FILE and the args after `--`."""
+    fake = tmp_path / "prefix"
+    (fake / "bin").mkdir(parents=True)
+    script = fake / "bin" / "llama-completion"
+    script.write_text("#!/bin/sh\necho \"ARGS: $*\"\nexit 3\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("QREALIGN_LLAMA_PATCHED_PREFIX", str(fake))
+    r = runner.invoke(app, ["run", str(ko_file), "--", "-p", "Hello there", "-n", "4"])
+    assert r.exit_code == 3, r.output  # llama-completion's own exit status
+    r = runner.invoke(app, ["run", str(tmp_path / "missing.gguf")])
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "does not exist" in r.stderr
+
+
 # ---- stock llama.cpp refuses, our tools say why ------------------------------------------------------
 
 def test_stock_llama_refuses_and_we_explain(ko_file, llama) -> None:
