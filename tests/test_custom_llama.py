@@ -188,8 +188,18 @@ def _unpermute(x: np.ndarray, n_head: int) -> np.ndarray:
     return x.reshape(n_head, rows // n_head // 2, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
 
 
-def _reference_logits(hf_dir: Path, gguf_file: Path, tokens: list[int]) -> np.ndarray:
-    """HF forward pass (float32) with every quantized weight replaced by its dequantized file value (our codec)."""
+def _kld(ref: np.ndarray, got: np.ndarray) -> float:
+    """Mean over positions of KL(softmax(ref) || softmax(got))."""
+    lp = ref - ref.max(-1, keepdims=True)
+    lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
+    lq = got - got.max(-1, keepdims=True)
+    lq = lq - np.log(np.exp(lq).sum(-1, keepdims=True))
+    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
+
+
+def _reference_logits(hf_dir: Path, gguf_file: Path | None, tokens: list[int]) -> np.ndarray:
+    """HF forward pass (float32) with every quantized weight replaced by its dequantized file value (our codec);
+    gguf_file None: the unquantized model."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -201,7 +211,7 @@ def _reference_logits(hf_dir: Path, gguf_file: Path, tokens: list[int]) -> np.nd
     hf_name = {s.name: s.hf_name for s in fam.tensors()}
     sd = model.state_dict()
     with torch.no_grad():
-        for t in GGUFReader(gguf_file).tensors:
+        for t in (GGUFReader(gguf_file).tensors if gguf_file is not None else []):
             tname = t.tensor_type.name
             if tname in ("F32", "F16", "BF16"):
                 continue
@@ -226,14 +236,17 @@ def test_patched_llama_runs_qr4ko_and_matches_reference(patched, ko_file, tiny, 
     tokens = tokenize(ko_file, "The quick brown fox jumps over the lazy dog, then naps.", build=patched)
     q4 = tmp_path / "tiny-Q4_K_M.gguf"
     convert(tiny, q4, ConvertOptions(outtype="Q4_K_M", pure=True))
-    errs = {}
+    errs, klds = {}, {}
+    full = _reference_logits(tiny, None, tokens)
     for name, f in (("QR4_KO", ko_file), ("Q4_K", q4)):
         got = logits(f, tokens, build=patched)
         assert np.isfinite(got).all()
         want = _reference_logits(tiny, f, tokens)
         errs[name] = (float(np.abs(got - want).max()), float(np.abs(want).max()),
                       float((got.argmax(-1) == want.argmax(-1)).mean()))
+        klds[name] = _kld(full, got)
     print(f"max |logit diff| vs dequantized HF reference (max |logit|, argmax agreement): {errs}")
+    print(f"KLD of llama.cpp's logits vs the unquantized float32 model ({len(tokens)} tokens): {klds}")
     e_ko, scale, agree = errs["QR4_KO"]
     assert e_ko < 3 * errs["Q4_K"][0] + 1e-3, errs
     assert e_ko < 0.05 * max(scale, 1.0) and agree >= 0.9, errs
