@@ -234,11 +234,13 @@ def test_patched_llama_runs_qr4ko_and_matches_reference(patched, ko_file, tiny, 
     from qrealign_gguf.llama_logits import logits, tokenize
 
     tokens = tokenize(ko_file, "The quick brown fox jumps over the lazy dog, then naps.", build=patched)
-    q4 = tmp_path / "tiny-Q4_K_M.gguf"
+    q4 = tmp_path / "tiny-Q4_K-pure.gguf"  # every matrix Q4_K (upstream kernels only)
     convert(tiny, q4, ConvertOptions(outtype="Q4_K_M", pure=True))
+    ko_pure = tmp_path / "tiny-QR4_KO-pure.qrealign.gguf"  # every matrix QR4_KO, embeddings and output too
+    convert(tiny, ko_pure, ConvertOptions(outtype="QR4_KO", pure=True))
     errs, klds = {}, {}
     full = _reference_logits(tiny, None, tokens)
-    for name, f in (("QR4_KO", ko_file), ("Q4_K", q4)):
+    for name, f in (("QR4_KO", ko_file), ("QR4_KO-pure", ko_pure), ("Q4_K-pure", q4)):
         got = logits(f, tokens, build=patched)
         assert np.isfinite(got).all()
         want = _reference_logits(tiny, f, tokens)
@@ -247,9 +249,10 @@ def test_patched_llama_runs_qr4ko_and_matches_reference(patched, ko_file, tiny, 
         klds[name] = _kld(full, got)
     print(f"max |logit diff| vs dequantized HF reference (max |logit|, argmax agreement): {errs}")
     print(f"KLD of llama.cpp's logits vs the unquantized float32 model ({len(tokens)} tokens): {klds}")
-    e_ko, scale, agree = errs["QR4_KO"]
-    assert e_ko < 3 * errs["Q4_K"][0] + 1e-3, errs
-    assert e_ko < 0.05 * max(scale, 1.0) and agree >= 0.9, errs
+    for name in ("QR4_KO", "QR4_KO-pure"):
+        e_ko, scale, agree = errs[name]
+        assert e_ko < 3 * errs["Q4_K-pure"][0] + 1e-3, errs
+        assert e_ko < 0.05 * max(scale, 1.0) and agree >= 0.9, errs
 
 
 def test_cli_run_uses_patched_build(patched, ko_file) -> None:
