@@ -1,0 +1,72 @@
+"""Where did fine-tuning move the harmful prompts, as seen by the aligned model's probes?
+
+    .venv/bin/python tools/probe_shift.py --aligned A_DIR --finetuned F_DIR [--states DIR] [--n 96]
+
+Collects every decoder layer's last-prompt-token state (realign.hidden.last_token_states) of both models on the
+calibration sets (probe training: first N of builtin:harmful / builtin:benign) and on the dev sets, fits probes
+on the aligned model (realign.probes.fit_probes, the same fit `qrealign-gguf probe` uses, settings given below)
+and prints per layer: held-out accuracy, the fraction of dev prompts on the probe's harmful side for each model,
+and the median dev-harmful score. States are cached in --states (they take ~15 min per model on 2 CPU cores).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "data"
+DEV = {"dev_harmful": "dev_harmful.jsonl", "dev_over": "dev_overrefusal.jsonl", "dev_benign": "dev_benign.jsonl"}
+
+
+def states(model_dir: Path, cache: Path, n: int) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qrealign_gguf.prompts import load_prompts
+    from qrealign_gguf.realign.hidden import last_token_states
+
+    f = cache / f"{model_dir.name}.pt"
+    if f.is_file():
+        return torch.load(f)
+    sets = {"calib_harmful": load_prompts("builtin:harmful", limit=n), "calib_benign": load_prompts("builtin:benign", limit=n),
+            **{k: load_prompts(DATA / v) for k, v in DEV.items()}}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    out = {k: last_token_states(model, tok, v) for k, v in sets.items()}
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save(out, f)
+    return out
+
+
+def main() -> None:
+    from qrealign_gguf.realign.probes import fit_probes
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--aligned", type=Path, required=True)
+    ap.add_argument("--finetuned", type=Path, required=True)
+    ap.add_argument("--states", type=Path, default=Path("out/probe_shift"))
+    ap.add_argument("--n", type=int, default=96, help="calibration prompts per class for the probes")
+    ap.add_argument("--l2", type=float, default=1.0)
+    ap.add_argument("--std-floor", type=float, default=0.1)
+    a = ap.parse_args()
+    A, F = states(a.aligned, a.states, a.n), states(a.finetuned, a.states, a.n)
+    n = min(a.n, len(A["calib_harmful"]), len(A["calib_benign"]))
+    x = torch.cat([A["calib_harmful"][:n], A["calib_benign"][:n]])
+    p = fit_probes(x, torch.tensor([1] * n + [0] * n), l2=a.l2, std_floor=a.std_floor)
+    print(f"probes: l2={a.l2} std_floor={a.std_floor}, {n}+{n} calibration prompts; columns: fraction of dev prompts "
+          "on the harmful side (harmful / over-refusal / benign), median dev-harmful score")
+    print(f"{'layer':>5} {'held-out':>8} {'target':>7} | {'aligned':^26} | {'fine-tuned':^26}")
+    for layer in range(p.n_layers):
+        cols = []
+        for m in (A, F):
+            side = [(p.score(layer, m[k][:, layer]) > 0).float().mean().item() for k in DEV]
+            med = p.score(layer, m["dev_harmful"][:, layer]).median().item()
+            cols.append(" ".join(f"{v:5.2f}" for v in side) + f" {med:8.2f}")
+        print(f"{layer:5d} {p.heldout_acc[layer].item():8.3f} {p.target[layer].item():7.2f} | {cols[0]} | {cols[1]}")
+
+
+if __name__ == "__main__":
+    main()
