@@ -77,6 +77,7 @@ def convert(
     iters: int = typer.Option(40, "--realign-iters", help="REALIGN: optimizer steps per layer"),
     harm_weight: float = typer.Option(1.0, "--harm-weight", help="REALIGN: weight of the probe term against benign reconstruction"),
     margin: Optional[float] = typer.Option(None, "--margin", help="REALIGN: probe logit harmful last-token states must exceed (default: per layer, the aligned model's median harmful score)"),
+    last_weight: float = typer.Option(1.0, "--benign-last-weight", help="REALIGN: extra weight of the benign prompts' last-token reconstruction (keeps safe prompts off the refusal side)"),
     checkpoints: Optional[Path] = typer.Option(None, "--checkpoints", help="REALIGN: per-layer checkpoint dir (default <output>.realign-ckpt)"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda: block encoders (and realignment's torch work); auto = CUDA when a GPU and the CUDA codec are available"),
 ) -> None:
@@ -98,7 +99,7 @@ def convert(
         if realign:
             from .realign.pipeline import RealignRequest, prepare_realign, run_realign
             req = RealignRequest(model, aligned, probes, harmful, benign, samples, iters, harm_weight, margin,
-                                 checkpoints, device)
+                                 checkpoints, device, last_weight)
             probe_set = prepare_realign(req, plan, console=err)  # every input checked before the long work
         if calib is not None:
             from .calib import compute_importance

@@ -4,8 +4,15 @@ For decoder layer l of the FINE-TUNED model, with X_q the layer's input under th
 and Y the full-precision model's output of the layer:
 
     benign prompts   L_b = mean_i ||layer_q(X_q,i) - Y_i||^2 / ||Y_i||^2          (keep the task behaviour)
-    harmful prompts  L_h = mean_j softplus(t_l - probe_l(layer_q(X_q,j)[last]))     (back to the refusal side)
+                         + last_weight * the same at the last prompt token only
+    harmful prompts  L_h = mean_j max(0, t_l - probe_l(layer_q(X_q,j)[last]))      (back to the refusal side)
     loss             L   = L_b + harm_weight * L_h     (L_h only where the layer's probe is reliable)
+
+Two measured lessons shape these terms (docs/BENCHMARKS.md, Q-realign section). The push is a hinge that stops
+at the target: a softplus keeps pulling past it, and because benign errors are ~1e-3 it always wins, which
+restored refusal but also made the model refuse safe prompts. And the last prompt token is the same template
+token for every prompt, so the cheapest way to raise harmful scores is to move that token's state for ALL
+prompts; the benign last-token term (diluted 1/T in the sequence mean otherwise) makes that expensive.
 
 t_l is the probe score the aligned model's own harmful prompts reach at layer l (ProbeSet.target), unless
 a fixed margin is given. layer_q runs the layer with every linear weight replaced by simulate.fake_quant:
@@ -23,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch.func import functional_call
-from torch.nn.functional import softplus
+from torch.nn.functional import relu
 
 from ..formats import codec, simulate
 from ..formats.types import QType
@@ -36,6 +43,7 @@ class RealignSettings:
     lr: float = 5e-3  # rounding offsets, in code units (scale multipliers get lr/10)
     harm_weight: float = 1.0
     margin: float | None = None  # probe logit harmful states should exceed; None: the aligned model's own (per layer)
+    last_weight: float = 1.0  # benign last-token reconstruction, relative to the whole-sequence term
     n_benign: int = 64
     n_harmful: int = 64
     max_tokens: int = 128
@@ -60,20 +68,29 @@ class LayerStats:
     harm_end: float
     harmful_side_start: float  # fraction of harmful prompts with probe score > 0
     harmful_side_end: float
+    benign_side_start: float  # fraction of BENIGN prompts with probe score > 0 (should not grow)
+    benign_side_end: float
     probed: bool
     seconds: float
 
 
-def benign_loss(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over prompts of the relative squared error on real (unpadded) tokens."""
+def benign_loss(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, last: torch.Tensor,
+                last_weight: float = 1.0) -> torch.Tensor:
+    """Mean over prompts of the relative squared error on real (unpadded) tokens, plus last_weight times the
+    relative error at each prompt's last token."""
     m = mask[..., None].to(out.dtype)
     num = (((out - target) ** 2) * m).sum((1, 2))
     den = ((target**2) * m).sum((1, 2)).clamp_min(1e-12)
-    return (num / den).mean()
+    loss = (num / den).mean()
+    if last_weight:
+        rows = torch.arange(out.shape[0], device=out.device)
+        o, t = out[rows, last], target[rows, last]
+        loss = loss + last_weight * (((o - t) ** 2).sum(1) / (t**2).sum(1).clamp_min(1e-12)).mean()
+    return loss
 
 
 def harm_loss(score: torch.Tensor, margin: float) -> torch.Tensor:
-    return softplus(margin - score)
+    return relu(margin - score)
 
 
 def _snapshot(learn: dict[str, simulate.Learn]) -> dict[str, list[torch.Tensor]]:
@@ -124,16 +141,22 @@ def _chunks(n: int, size: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def _evaluate(layer, weights, xb, yb, kb, xh, kh, score, margin, size) -> tuple[float, float, float]:  # noqa: ANN001
-    lb = []
+def _evaluate(layer, weights, xb, yb, kb, xh, kh, score, margin, size,  # noqa: ANN001
+              last_weight) -> tuple[float, float, float, float]:  # noqa: ANN001
+    """(benign loss, harm loss, harmful fraction on the harmful side, benign fraction on the harmful side)."""
+    lb, sb = [], []
     for idx in _chunks(len(xb), size):
         p, y = pad(xb, kb, idx), pad(yb, kb, idx).x
-        lb.append(benign_loss(_run(layer, weights, p.x, p.kwargs), y, p.mask).item() * len(idx))
+        out = _run(layer, weights, p.x, p.kwargs)
+        lb.append(benign_loss(out, y, p.mask, p.last, last_weight).item() * len(idx))
+        if score is not None:
+            sb.append(score(out[torch.arange(out.shape[0], device=out.device), p.last]))
     lb_mean = sum(lb) / len(xb)
     if score is None:
-        return lb_mean, 0.0, 0.0
+        return lb_mean, 0.0, 0.0, 0.0
     s = torch.cat([_last_scores(layer, weights, pad(xh, kh, idx), score) for idx in _chunks(len(xh), size)])
-    return lb_mean, float(harm_loss(s, margin).mean()), float((s > 0).float().mean())
+    return lb_mean, float(harm_loss(s, margin).mean()), float((s > 0).float().mean()), \
+        float((torch.cat(sb) > 0).float().mean())
 
 
 def _last_scores(layer, weights, p: Padded, score) -> torch.Tensor:  # noqa: ANN001
@@ -159,7 +182,8 @@ def realign_layer(layer: torch.nn.Module, targets: list[Target],
         p.requires_grad_(False)
 
     ev = s.batch * 2
-    start = _evaluate(layer, _weights(layer, targets, learn, base), xb, yb, kb, xh, kh, score, margin, ev)
+    start = _evaluate(layer, _weights(layer, targets, learn, base), xb, yb, kb, xh, kh, score, margin, ev,
+                      s.last_weight)
     # auto-round's schedule: linear decay to zero, and keep the best minibatch iterate (the straight-through
     # gradient makes late iterates oscillate between rounding choices)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 - k / max(s.iters, 1))
@@ -169,7 +193,7 @@ def realign_layer(layer: torch.nn.Module, targets: list[Target],
         w = _weights(layer, targets, learn, base)
         ib = torch.randperm(len(xb), generator=gen)[: s.batch].tolist()
         p = pad(xb, kb, ib)
-        loss = benign_loss(_run(layer, w, p.x, p.kwargs), pad(yb, kb, ib).x, p.mask)
+        loss = benign_loss(_run(layer, w, p.x, p.kwargs), pad(yb, kb, ib).x, p.mask, p.last, s.last_weight)
         if score is not None and s.harm_weight > 0:
             ih = torch.randperm(len(xh), generator=gen)[: s.batch].tolist()
             sc = _last_scores(layer, w, pad(xh, kh, ih), score)
@@ -185,7 +209,7 @@ def realign_layer(layer: torch.nn.Module, targets: list[Target],
 
     with torch.no_grad():
         hard = _weights(layer, targets, learn, base)
-    end = _evaluate(layer, hard, xb, yb, kb, xh, kh, score, margin, ev)
+    end = _evaluate(layer, hard, xb, yb, kb, xh, kh, score, margin, ev, s.last_weight)
     packed: dict[str, np.ndarray] = {}
     for t in targets:
         data = codec.pack(t.qtype, simulate.export(t.qtype, base[t.module], learn[t.module]))
@@ -194,7 +218,8 @@ def realign_layer(layer: torch.nn.Module, targets: list[Target],
         if not np.array_equal(check, hard[f"{t.module}.weight"].detach().cpu().numpy()):
             raise AssertionError(f"{t.gguf_name}: packed blocks do not decode to the simulated weight")
         packed[t.gguf_name] = data if t.row_order is None else data[t.row_order]
-    stats = LayerStats(start[0], end[0], start[1], end[1], start[2], end[2], score is not None, time.perf_counter() - t0)
+    stats = LayerStats(start[0], end[0], start[1], end[1], start[2], end[2], start[3], end[3], score is not None,
+                       time.perf_counter() - t0)
     return packed, {k: v.detach() for k, v in hard.items()}, stats
 
 

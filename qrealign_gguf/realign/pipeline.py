@@ -142,10 +142,12 @@ class RealignRequest:
     margin: float | None = None
     checkpoints: Path | None = None
     device: str = "auto"
+    last_weight: float = 1.0
 
     @property
     def settings(self) -> RealignSettings:
         return RealignSettings(iters=self.iters, harm_weight=self.harm_weight, margin=self.margin,
+                               last_weight=self.last_weight,
                                n_benign=self.samples, n_harmful=self.samples)
 
 
@@ -191,7 +193,9 @@ def run_realign(req: RealignRequest, plan, probes: ProbeSet | None, opts, consol
     def report(i: int, n: int, s: LayerStats, resumed: bool) -> None:
         if console:
             tag = "checkpoint" if resumed else f"{s.seconds:.0f}s"
-            harm = f"probe loss {s.harm_start:.3f}->{s.harm_end:.3f}, harmful side {s.harmful_side_start:.0%}->{s.harmful_side_end:.0%}" if s.probed else "no reliable probe"
+            harm = (f"probe loss {s.harm_start:.3f}->{s.harm_end:.3f}, on the harmful side: harmful "
+                    f"{s.harmful_side_start:.0%}->{s.harmful_side_end:.0%}, benign {s.benign_side_start:.0%}->"
+                    f"{s.benign_side_end:.0%}") if s.probed else "no reliable probe"
             console.print(f"layer {i + 1}/{n} [{tag}]: benign rel. error {s.benign_start:.4f}->{s.benign_end:.4f}; {harm}",
                           highlight=False)
 
@@ -199,6 +203,7 @@ def run_realign(req: RealignRequest, plan, probes: ProbeSet | None, opts, consol
                            importance=opts.importance, checkpoint_dir=req.checkpoints, report=report,
                            device=resolve_device(req.device))
     opts.extra_provenance.update({"realigned": True, "realign_iters": req.iters, "realign_harm_weight": req.harm_weight,
-                                  "realign_margin": "aligned" if req.margin is None else req.margin, "realign_samples": req.samples,
+                                  "realign_margin": "aligned" if req.margin is None else req.margin,
+                                  "realign_last_weight": req.last_weight, "realign_samples": req.samples,
                                   "realign_probe_layers": ",".join(map(str, probes.reliable))})
     return packed
