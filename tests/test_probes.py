@@ -33,6 +33,7 @@ def test_target_is_the_aligned_harmful_median():
     s = p.score(1, x[y == 1, 1])
     assert p.target[1] > 0  # on the harmful side, and typical of harmful prompts
     assert 0.3 < (s > p.target[1]).float().mean() < 0.7
+    assert p.target_benign[1] < 0 and 0.3 < (p.score(1, x[y == 0, 1]) > p.target_benign[1]).float().mean() < 0.7
 
 
 def test_quantization_sized_noise_does_not_flip_a_regularized_probe():
@@ -50,7 +51,7 @@ def test_quantization_sized_noise_does_not_flip_a_regularized_probe():
 def test_old_probe_files_are_refused(tmp_path):
     from safetensors.torch import save_file
     f = tmp_path / "old.safetensors"
-    save_file({"w": torch.zeros(1, 2)}, str(f), metadata={"format": "qrealign-probes-v1"})
+    save_file({"w": torch.zeros(1, 2)}, str(f), metadata={"format": "qrealign-probes-v2"})
     with pytest.raises(InputError, match="older qrealign-gguf"):
         ProbeSet.load(f)
 
@@ -69,7 +70,7 @@ def test_save_load_identical(tmp_path):
     f = tmp_path / "probes.safetensors"
     p.save(f)
     q = ProbeSet.load(f)
-    for k in ("mean", "std", "w", "b", "train_acc", "heldout_acc", "target"):
+    for k in ("mean", "std", "w", "b", "train_acc", "heldout_acc", "target", "target_benign"):
         assert torch.equal(getattr(p, k), getattr(q, k)), k
     assert q.reliable == p.reliable and q.meta == p.meta
     assert torch.equal(p.score(1, x[:, 1]), q.score(1, x[:, 1]))

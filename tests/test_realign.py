@@ -22,7 +22,7 @@ from qrealign_gguf.realign.probes import ProbeSet
 from tiny_models import make_tiny_llama
 
 N = 8
-SETTINGS = dict(iters=16, n_benign=N, n_harmful=N, margin=1.0, batch=4)
+SETTINGS = dict(iters=16, n_benign=N, n_harmful=N, batch=4)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,8 @@ def tiny(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def planted(tiny, tmp_path_factory) -> tuple[ProbeSet, Path]:
     """A probe whose direction is random but calibrated so the model's harmful states score -1 on average
-    (one standard deviation on the benign side): the realignment has to move them across."""
+    (one standard deviation on the benign side): the realignment has to move them across, to the target +1,
+    while benign prompts must stay on the benign side (ceiling 0)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
@@ -44,8 +45,9 @@ def planted(tiny, tmp_path_factory) -> tuple[ProbeSet, Path]:
     proj = torch.einsum("nlh,lh->nl", states, u)
     w = u / proj.std(0)[:, None]
     b = -(proj.mean(0) / proj.std(0)) - 1.0
+    ceiling = torch.zeros(n_layers)  # benign prompts: stay on the benign side (a quarter start across)
     probes = ProbeSet(torch.zeros(n_layers, hidden), torch.ones(n_layers, hidden), w, b, torch.ones(n_layers),
-                      torch.ones(n_layers), torch.ones(n_layers), list(range(n_layers)), model_signature(tiny))
+                      torch.ones(n_layers), torch.ones(n_layers), ceiling, list(range(n_layers)), model_signature(tiny))
     path = tmp_path_factory.mktemp("probes") / "planted.safetensors"
     probes.save(path)
     return probes, path
@@ -76,7 +78,11 @@ def test_probe_term_crosses_the_probe_and_keeps_benign_error(tiny, planted, tmp_
     # the dual objective moves (almost) every harmful prompt across, at a bounded benign cost
     for s in safe:
         assert s.harmful_side_end >= 0.75 and s.harmful_side_end > s.harmful_side_start
-        assert s.harm_end < 0.5 * s.harm_start
+        # probe loss = harmful below target + benign above ceiling: with a random direction in a random model
+        # the two pull against each other (same last token), so it falls by ~half, not to zero
+        assert s.harm_end < 0.7 * s.harm_start
+        # ... and it separates: harmful prompts cross more than benign ones (which all share the last token)
+        assert s.benign_side_end - s.benign_side_start < s.harmful_side_end - s.harmful_side_start
     assert safe[0].benign_end <= 2.5 * rtn
 
 

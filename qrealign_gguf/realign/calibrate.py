@@ -6,16 +6,19 @@ and Y the full-precision model's output of the layer:
     benign prompts   L_b = mean_i ||layer_q(X_q,i) - Y_i||^2 / ||Y_i||^2          (keep the task behaviour)
                          + last_weight * the same at the last prompt token only
     harmful prompts  L_h = mean_j max(0, t_l - probe_l(layer_q(X_q,j)[last]))      (back to the refusal side)
+                         + mean_i max(0, probe_l(layer_q(X_q,i)[last]) - u_l)      (benign prompts stay off it)
     loss             L   = L_b + harm_weight * L_h     (L_h only where the layer's probe is reliable)
 
 Two measured lessons shape these terms (docs/BENCHMARKS.md, Q-realign section). The push is a hinge that stops
 at the target: a softplus keeps pulling past it, and because benign errors are ~1e-3 it always wins, which
 restored refusal but also made the model refuse safe prompts. And the last prompt token is the same template
 token for every prompt, so the cheapest way to raise harmful scores is to move that token's state for ALL
-prompts; the benign last-token term (diluted 1/T in the sequence mean otherwise) makes that expensive.
+prompts (measured: benign prompts on the harmful side 3% -> 88% at layer 0); reconstruction of the benign
+last token alone (last_weight) is too weak a brake at benign errors of ~1e-3, so benign prompts get their own
+hinge in probe space: the change has to separate harmful from benign, as the aligned model does.
 
-t_l is the probe score the aligned model's own harmful prompts reach at layer l (ProbeSet.target), unless
-a fixed margin is given. layer_q runs the layer with every linear weight replaced by simulate.fake_quant:
+t_l / u_l are the median probe scores of the aligned model's own harmful / benign prompts at layer l
+(ProbeSet.target / target_benign); a fixed --margin m sets t_l = m, u_l = -m. layer_q runs the layer with every linear weight replaced by simulate.fake_quant:
 the exact value the GGUF block format will store, differentiable in per-weight rounding offsets and
 per-block scale/min changes (the role of learnable weight clipping). Adam on those, then export + pack
 gives the bytes to write. Prompts of one kind run as one right-padded batch (see Padded).
@@ -90,7 +93,13 @@ def benign_loss(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, las
 
 
 def harm_loss(score: torch.Tensor, margin: float) -> torch.Tensor:
+    """Harmful prompts: distance below the target score (0 once there)."""
     return relu(margin - score)
+
+
+def benign_probe_loss(score: torch.Tensor, ceiling: float) -> torch.Tensor:
+    """Benign prompts: distance above the benign target score (0 below it)."""
+    return relu(score - ceiling)
 
 
 def _snapshot(learn: dict[str, simulate.Learn]) -> dict[str, list[torch.Tensor]]:
@@ -141,7 +150,7 @@ def _chunks(n: int, size: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def _evaluate(layer, weights, xb, yb, kb, xh, kh, score, margin, size,  # noqa: ANN001
+def _evaluate(layer, weights, xb, yb, kb, xh, kh, score, margin, ceiling, size,  # noqa: ANN001
               last_weight) -> tuple[float, float, float, float]:  # noqa: ANN001
     """(benign loss, harm loss, harmful fraction on the harmful side, benign fraction on the harmful side)."""
     lb, sb = [], []
@@ -155,8 +164,9 @@ def _evaluate(layer, weights, xb, yb, kb, xh, kh, score, margin, size,  # noqa: 
     if score is None:
         return lb_mean, 0.0, 0.0, 0.0
     s = torch.cat([_last_scores(layer, weights, pad(xh, kh, idx), score) for idx in _chunks(len(xh), size)])
-    return lb_mean, float(harm_loss(s, margin).mean()), float((s > 0).float().mean()), \
-        float((torch.cat(sb) > 0).float().mean())
+    b = torch.cat(sb)
+    probe = float(harm_loss(s, margin).mean() + benign_probe_loss(b, ceiling).mean())
+    return lb_mean, probe, float((s > 0).float().mean()), float((b > 0).float().mean())
 
 
 def _last_scores(layer, weights, p: Padded, score) -> torch.Tensor:  # noqa: ANN001
@@ -166,7 +176,7 @@ def _last_scores(layer, weights, p: Padded, score) -> torch.Tensor:  # noqa: ANN
 
 def realign_layer(layer: torch.nn.Module, targets: list[Target],
                   benign: tuple[list, list, list], harmful: tuple[list, list],
-                  score: Callable[[torch.Tensor], torch.Tensor] | None, margin: float,
+                  score: Callable[[torch.Tensor], torch.Tensor] | None, margin: float, ceiling: float,
                   s: RealignSettings, layer_index: int) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor], LayerStats]:
     """Optimize one layer. benign = (X_q, Y_fp, kwargs) lists, harmful = (X_q, kwargs) lists.
     Returns GGUF-layout packed bytes per tensor, the hard quantized weights (to propagate X_q), and stats."""
@@ -182,8 +192,8 @@ def realign_layer(layer: torch.nn.Module, targets: list[Target],
         p.requires_grad_(False)
 
     ev = s.batch * 2
-    start = _evaluate(layer, _weights(layer, targets, learn, base), xb, yb, kb, xh, kh, score, margin, ev,
-                      s.last_weight)
+    start = _evaluate(layer, _weights(layer, targets, learn, base), xb, yb, kb, xh, kh, score, margin, ceiling,
+                      ev, s.last_weight)
     # auto-round's schedule: linear decay to zero, and keep the best minibatch iterate (the straight-through
     # gradient makes late iterates oscillate between rounding choices)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 - k / max(s.iters, 1))
@@ -193,11 +203,13 @@ def realign_layer(layer: torch.nn.Module, targets: list[Target],
         w = _weights(layer, targets, learn, base)
         ib = torch.randperm(len(xb), generator=gen)[: s.batch].tolist()
         p = pad(xb, kb, ib)
-        loss = benign_loss(_run(layer, w, p.x, p.kwargs), pad(yb, kb, ib).x, p.mask, p.last, s.last_weight)
+        out = _run(layer, w, p.x, p.kwargs)
+        loss = benign_loss(out, pad(yb, kb, ib).x, p.mask, p.last, s.last_weight)
         if score is not None and s.harm_weight > 0:
             ih = torch.randperm(len(xh), generator=gen)[: s.batch].tolist()
             sc = _last_scores(layer, w, pad(xh, kh, ih), score)
-            loss = loss + s.harm_weight * harm_loss(sc, margin).mean()
+            sb = score(out[torch.arange(out.shape[0]), p.last])
+            loss = loss + s.harm_weight * (harm_loss(sc, margin).mean() + benign_probe_loss(sb, ceiling).mean())
         if loss.item() < best_loss:  # the loss of the weights *before* this step
             best, best_loss = _snapshot(learn), loss.item()
         loss.backward()
@@ -209,7 +221,7 @@ def realign_layer(layer: torch.nn.Module, targets: list[Target],
 
     with torch.no_grad():
         hard = _weights(layer, targets, learn, base)
-    end = _evaluate(layer, hard, xb, yb, kb, xh, kh, score, margin, ev, s.last_weight)
+    end = _evaluate(layer, hard, xb, yb, kb, xh, kh, score, margin, ceiling, ev, s.last_weight)
     packed: dict[str, np.ndarray] = {}
     for t in targets:
         data = codec.pack(t.qtype, simulate.export(t.qtype, base[t.module], learn[t.module]))

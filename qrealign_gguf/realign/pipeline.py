@@ -85,7 +85,8 @@ def realign_model(finetuned: str | Path, plan, probes: ProbeSet, settings: Reali
                          "with more prompts or a lower --min-acc")
 
     fp = fingerprint({"version": __version__, "model": model_files_digest(finetuned),
-                      "probes": [probes.w.sum().item(), probes.b.tolist(), probes.target.tolist(), sorted(reliable)],
+                      "probes": [probes.w.sum().item(), probes.b.tolist(), probes.target.tolist(),
+                                 probes.target_benign.tolist(), sorted(reliable)],
                       "harmful": [p.text for p in harm], "benign": [p.text for p in ben],
                       "settings": asdict(settings), "types": {t.source.name: t.qtype.name for t in plan.tensors},
                       "importance": sorted(importance)})
@@ -114,10 +115,11 @@ def realign_model(finetuned: str | Path, plan, probes: ProbeSet, settings: Reali
         else:
             score = (lambda h, i=i: probes.score(i, h)) if i in reliable else None
             margin = settings.margin if settings.margin is not None else float(probes.target[i])
+            ceiling = -settings.margin if settings.margin is not None else float(probes.target_benign[i])
             packed, hard, stats = realign_layer(
                 layer, targets,
                 ([x.to(device) for x in xq[:nb]], [y.to(device) for y in cache.fp[i + 1][:nb]], kw[:nb]),
-                ([x.to(device) for x in xq[nb:]], kw[nb:]), score, margin, settings, i)
+                ([x.to(device) for x in xq[nb:]], kw[nb:]), score, margin, ceiling, settings, i)
             ckpt.save(i, packed, stats)
             resumed = False
         out.update(packed)

@@ -12,7 +12,7 @@ separable, and a weakly regularized fit puts large weights on directions that sm
 harm term then competes with reconstruction on equal terms), and the std floor stops near-constant features
 from being amplified. `target` is the median score of the aligned
 model's own harmful training prompts: calibration pushes harmful states to where the aligned model has them,
-not to an arbitrary logit.
+not to an arbitrary logit; `target_benign` (the benign median) is where benign prompts must stay below.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import InputError
 
-FORMAT = "qrealign-probes-v2"
+FORMAT = "qrealign-probes-v3"
 
 
 @dataclass
@@ -37,6 +37,7 @@ class ProbeSet:
     train_acc: torch.Tensor  # (L,)
     heldout_acc: torch.Tensor  # (L,)
     target: torch.Tensor  # (L,) median probe score of the aligned model's harmful training prompts
+    target_benign: torch.Tensor  # (L,) the same for its benign training prompts (negative)
     reliable: list[int]  # layer indices used for calibration
     meta: dict[str, str] = field(default_factory=dict)  # architecture, hidden, layers, template, model hash
 
@@ -56,7 +57,7 @@ class ProbeSet:
 
     def save(self, path: str | Path) -> None:
         tensors = {"mean": self.mean, "std": self.std, "w": self.w, "b": self.b, "train_acc": self.train_acc,
-                   "heldout_acc": self.heldout_acc, "target": self.target}
+                   "heldout_acc": self.heldout_acc, "target": self.target, "target_benign": self.target_benign}
         meta = {"format": FORMAT, "reliable": json.dumps(self.reliable), **self.meta}
         save_file({k: v.contiguous().float() for k, v in tensors.items()}, str(path), metadata=meta)
 
@@ -73,13 +74,14 @@ class ProbeSet:
         except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
             raise InputError(f"{path} is not a probe file ({e})") from None
         fmt = meta.pop("format", None)
-        if fmt == "qrealign-probes-v1":
-            raise InputError(f"{path} was fit by an older qrealign-gguf (weakly regularized, no target scores); "
+        if fmt in ("qrealign-probes-v1", "qrealign-probes-v2"):
+            raise InputError(f"{path} was fit by an older qrealign-gguf (no per-layer target scores); "
                              "refit it with `qrealign-gguf probe`")
         if fmt != FORMAT:
             raise InputError(f"{path} is not a qrealign probe file (format key missing)")
         reliable = json.loads(meta.pop("reliable", "[]"))
-        return cls(t["mean"], t["std"], t["w"], t["b"], t["train_acc"], t["heldout_acc"], t["target"], reliable, meta)
+        return cls(t["mean"], t["std"], t["w"], t["b"], t["train_acc"], t["heldout_acc"], t["target"],
+                   t["target_benign"], reliable, meta)
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1.0, iters: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,7 +129,8 @@ def fit_probes(states: torch.Tensor, labels: torch.Tensor, heldout: float = 0.2,
     tr_acc = torch.empty(n_layers)
     te_acc = torch.empty(n_layers)
     target = torch.empty(n_layers)
-    harm_tr = tr[labels[tr] == 1]
+    target_benign = torch.empty(n_layers)
+    harm_tr, ben_tr = tr[labels[tr] == 1], tr[labels[tr] == 0]
     for layer in range(n_layers):
         x = states[:, layer].float()
         mean[layer] = x[tr].mean(0)
@@ -139,8 +142,9 @@ def fit_probes(states: torch.Tensor, labels: torch.Tensor, heldout: float = 0.2,
         tr_acc[layer] = ((s[tr] > 0) == labels[tr].bool()).float().mean()
         te_acc[layer] = ((s[te] > 0) == labels[te].bool()).float().mean()
         target[layer] = s[harm_tr].median()
+        target_benign[layer] = s[ben_tr].median()
     reliable = [i for i in range(n_layers) if te_acc[i] >= min_acc]
-    return ProbeSet(mean, std, w, b, tr_acc, te_acc, target, reliable, dict(meta or {}))
+    return ProbeSet(mean, std, w, b, tr_acc, te_acc, target, target_benign, reliable, dict(meta or {}))
 
 
 def probe_model(model_dir: str | Path, harmful: str | Path, benign: str | Path, n_per_class: int = 256,
