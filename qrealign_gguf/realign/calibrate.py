@@ -47,6 +47,7 @@ class RealignSettings:
     harm_weight: float = 1.0
     margin: float | None = None  # probe logit harmful states should exceed; None: the aligned model's own (per layer)
     last_weight: float = 1.0  # benign last-token reconstruction, relative to the whole-sequence term
+    benign_ceiling: float | None = None  # probe score benign prompts must stay below; None: the aligned benign median
     n_benign: int = 64
     n_harmful: int = 64
     max_tokens: int = 128

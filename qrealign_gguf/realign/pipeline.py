@@ -115,7 +115,8 @@ def realign_model(finetuned: str | Path, plan, probes: ProbeSet, settings: Reali
         else:
             score = (lambda h, i=i: probes.score(i, h)) if i in reliable else None
             margin = settings.margin if settings.margin is not None else float(probes.target[i])
-            ceiling = -settings.margin if settings.margin is not None else float(probes.target_benign[i])
+            ceiling = (settings.benign_ceiling if settings.benign_ceiling is not None
+                       else -settings.margin if settings.margin is not None else float(probes.target_benign[i]))
             packed, hard, stats = realign_layer(
                 layer, targets,
                 ([x.to(device) for x in xq[:nb]], [y.to(device) for y in cache.fp[i + 1][:nb]], kw[:nb]),
@@ -145,11 +146,12 @@ class RealignRequest:
     checkpoints: Path | None = None
     device: str = "auto"
     last_weight: float = 1.0
+    benign_ceiling: float | None = None
 
     @property
     def settings(self) -> RealignSettings:
         return RealignSettings(iters=self.iters, harm_weight=self.harm_weight, margin=self.margin,
-                               last_weight=self.last_weight,
+                               last_weight=self.last_weight, benign_ceiling=self.benign_ceiling,
                                n_benign=self.samples, n_harmful=self.samples)
 
 
@@ -206,6 +208,8 @@ def run_realign(req: RealignRequest, plan, probes: ProbeSet | None, opts, consol
                            device=resolve_device(req.device))
     opts.extra_provenance.update({"realigned": True, "realign_iters": req.iters, "realign_harm_weight": req.harm_weight,
                                   "realign_margin": "aligned" if req.margin is None else req.margin,
-                                  "realign_last_weight": req.last_weight, "realign_samples": req.samples,
+                                  "realign_last_weight": req.last_weight,
+                                  "realign_benign_ceiling": "aligned" if req.benign_ceiling is None else req.benign_ceiling,
+                                  "realign_samples": req.samples,
                                   "realign_probe_layers": ",".join(map(str, probes.reliable))})
     return packed
