@@ -228,31 +228,36 @@ def _reference_logits(hf_dir: Path, gguf_file: Path | None, tokens: list[int]) -
 
 
 def test_patched_llama_runs_qr4ko_and_matches_reference(patched, ko_file, tiny, tmp_path) -> None:
-    """Patched llama.cpp on the QR4_KO file vs an HF float32 forward pass with the file's dequantized weights.
-    The difference comes from llama.cpp quantizing activations to Q8_K for the mat-muls; the same comparison
-    on a Q4_K_M file of the same model (upstream kernels only) measures that noise, and QR4_KO must stay close."""
+    """Patched llama.cpp on QR4_KO files vs an HF float32 forward pass with the files' dequantized weights.
+    The difference comes from llama.cpp quantizing activations to Q8_K for the mat-muls; the same comparison on
+    a pure Q4_K file of the same model (upstream kernels only) measures that noise, and QR4_KO must match it.
+    Measured (seed 0, 73 tokens): KLD(llama || dequantized reference) 1.8e-4 (QR4_KO), 1.7e-4 (pure QR4_KO),
+    1.8e-4 (pure Q4_K); KLD vs the unquantized model 1.55e-2 / 1.44e-2 / 2.11e-2. Argmax agreement is no
+    criterion here: the random tiny model's top-1 margins are ~0.1 logit, the size of the Q8_K noise."""
     from qrealign_gguf.llama_logits import logits, tokenize
 
-    tokens = tokenize(ko_file, "The quick brown fox jumps over the lazy dog, then naps.", build=patched)
+    text = ("The quick brown fox jumps over the lazy dog, then naps. " * 4
+            + "Once upon a time there was a small village by the sea where fishermen told stories.")
+    tokens = tokenize(ko_file, text, build=patched)
     q4 = tmp_path / "tiny-Q4_K-pure.gguf"  # every matrix Q4_K (upstream kernels only)
     convert(tiny, q4, ConvertOptions(outtype="Q4_K_M", pure=True))
-    ko_pure = tmp_path / "tiny-QR4_KO-pure.qrealign.gguf"  # every matrix QR4_KO, embeddings and output too
+    ko_pure = tmp_path / "tiny-QR4_KO-pure.qrealign.gguf"  # every matrix QR4_KO: get_rows on token_embd too
     convert(tiny, ko_pure, ConvertOptions(outtype="QR4_KO", pure=True))
-    errs, klds = {}, {}
     full = _reference_logits(tiny, None, tokens)
+    res = {}
     for name, f in (("QR4_KO", ko_file), ("QR4_KO-pure", ko_pure), ("Q4_K-pure", q4)):
         got = logits(f, tokens, build=patched)
         assert np.isfinite(got).all()
         want = _reference_logits(tiny, f, tokens)
-        errs[name] = (float(np.abs(got - want).max()), float(np.abs(want).max()),
-                      float((got.argmax(-1) == want.argmax(-1)).mean()))
-        klds[name] = _kld(full, got)
-    print(f"max |logit diff| vs dequantized HF reference (max |logit|, argmax agreement): {errs}")
-    print(f"KLD of llama.cpp's logits vs the unquantized float32 model ({len(tokens)} tokens): {klds}")
+        res[name] = {"max_diff": float(np.abs(got - want).max()), "kld_vs_dequant": _kld(want, got),
+                     "kld_vs_float": _kld(full, got)}
+    print(f"patched llama.cpp, {len(tokens)} tokens: {res}")
+    noise = res["Q4_K-pure"]
     for name in ("QR4_KO", "QR4_KO-pure"):
-        e_ko, scale, agree = errs[name]
-        assert e_ko < 3 * errs["Q4_K-pure"][0] + 1e-3, errs
-        assert e_ko < 0.05 * max(scale, 1.0) and agree >= 0.9, errs
+        r = res[name]
+        assert r["kld_vs_dequant"] < 2 * noise["kld_vs_dequant"] + 1e-5, res
+        assert r["max_diff"] < 2 * noise["max_diff"] + 1e-3, res
+    assert res["QR4_KO-pure"]["kld_vs_float"] < res["Q4_K-pure"]["kld_vs_float"], res  # 4.875 vs 4.5 bpw pays off
 
 
 def test_cli_run_uses_patched_build(patched, ko_file) -> None:
