@@ -290,9 +290,11 @@ def test_realign_writes_qr4ko_blocks(tiny, tmp_path) -> None:
     u = torch.randn(n_layers, hidden, generator=torch.Generator().manual_seed(0))
     u = u / u.norm(dim=1, keepdim=True)
     proj = torch.einsum("nlh,lh->nl", states, u)
-    probes = ProbeSet(torch.zeros(n_layers, hidden), torch.ones(n_layers, hidden), u / proj.std(0)[:, None],
-                      -(proj.mean(0) / proj.std(0)) - 1.0, torch.ones(n_layers), torch.ones(n_layers),
-                      torch.ones(n_layers), list(range(n_layers)), model_signature(tiny))
+    probes = ProbeSet(mean=torch.zeros(n_layers, hidden), std=torch.ones(n_layers, hidden), w=u / proj.std(0)[:, None],
+                      b=-(proj.mean(0) / proj.std(0)) - 1.0, train_acc=torch.ones(n_layers),
+                      heldout_acc=torch.ones(n_layers), target=torch.ones(n_layers),
+                      target_benign=torch.full((n_layers,), -3.0), reliable=list(range(n_layers)),
+                      meta=model_signature(tiny))
     out = tmp_path / "realigned-QR4_KO.qrealign.gguf"
     plan = make_plan(tiny, out, ConvertOptions(outtype="QR4_KO"))
     packed = realign_model(tiny, plan, probes, RealignSettings(harm_weight=1.0, iters=4, n_benign=n, n_harmful=n,
