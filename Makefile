@@ -8,7 +8,7 @@ NATIVE_SRC := $(wildcard native/*.c native/*.h native/*.py native/*.cu)
 DEMO_TYPE ?= Q4_K_M
 PYTEST_ARGS ?=
 
-.PHONY: all install llama models demo test test-slow bench cuda-check testbed experiment clean
+.PHONY: all install llama llama-patched models demo test test-slow bench cuda-check testbed experiment clean
 
 all: install llama
 
@@ -39,6 +39,10 @@ llama:
 	@command -v ccache >/dev/null || { [ "$$(id -u)" = 0 ] && (apt-get install -y -qq ccache >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq ccache) >/dev/null 2>&1) || true; }
 	PYTHON=$(VPY) bash tools/build_llama.sh stock >/dev/null
 
+# the same llama.cpp with native/llama_patches/*.patch (custom GGUF types, e.g. QR4_KO), its own cache key
+llama-patched: llama
+	PYTHON=$(VPY) bash tools/build_llama.sh patched >/dev/null
+
 models: install
 	$(VPY) tools/fetch_model.py smollm2
 
@@ -49,7 +53,7 @@ cuda-check:
 demo: install llama models
 	$(VPY) tools/demo.py --outtype $(DEMO_TYPE)
 
-test: install llama cuda-check
+test: install llama llama-patched cuda-check
 	$(VPY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
 test-slow: install llama
