@@ -273,28 +273,13 @@ def test_cli_run_uses_patched_build(patched, ko_file) -> None:
 
 def test_realign_writes_qr4ko_blocks(tiny, tmp_path) -> None:
     """The Q-realign pipeline learns QR4_KO's Q4_K part (outliers fixed) and the file holds its blocks."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from qrealign_gguf.convert import make_plan
-    from qrealign_gguf.prompts import load_prompts
     from qrealign_gguf.realign.calibrate import RealignSettings
-    from qrealign_gguf.realign.hidden import last_token_states, model_signature
     from qrealign_gguf.realign.pipeline import realign_model
-    from qrealign_gguf.realign.probes import ProbeSet
+    from tiny_models import planted_probes
 
     n = 4
-    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
-    states = last_token_states(model, AutoTokenizer.from_pretrained(tiny), load_prompts("builtin:harmful", limit=n))
-    n_layers, hidden = states.shape[1:]
-    u = torch.randn(n_layers, hidden, generator=torch.Generator().manual_seed(0))
-    u = u / u.norm(dim=1, keepdim=True)
-    proj = torch.einsum("nlh,lh->nl", states, u)
-    probes = ProbeSet(mean=torch.zeros(n_layers, hidden), std=torch.ones(n_layers, hidden), w=u / proj.std(0)[:, None],
-                      b=-(proj.mean(0) / proj.std(0)) - 1.0, train_acc=torch.ones(n_layers),
-                      heldout_acc=torch.ones(n_layers), target=torch.ones(n_layers),
-                      target_benign=torch.full((n_layers,), -3.0), reliable=list(range(n_layers)),
-                      meta=model_signature(tiny))
+    probes = planted_probes(tiny, n, target_benign=-3.0)
     out = tmp_path / "realigned-QR4_KO.qrealign.gguf"
     plan = make_plan(tiny, out, ConvertOptions(outtype="QR4_KO"))
     packed = realign_model(tiny, plan, probes, RealignSettings(harm_weight=1.0, iters=4, n_benign=n, n_harmful=n,

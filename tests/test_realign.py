@@ -9,17 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from qrealign_gguf.cli import app
 from qrealign_gguf.convert import ConvertOptions, convert, make_plan
-from qrealign_gguf.prompts import load_prompts
 from qrealign_gguf.realign.calibrate import RealignSettings
-from qrealign_gguf.realign.hidden import last_token_states, model_signature
 from qrealign_gguf.realign.pipeline import realign_model
 from qrealign_gguf.realign.probes import ProbeSet
-from tiny_models import make_tiny_llama
+from tiny_models import make_tiny_llama, planted_probes
 
 N = 8
 SETTINGS = dict(iters=16, n_benign=N, n_harmful=N, batch=4)
@@ -35,19 +32,7 @@ def planted(tiny, tmp_path_factory) -> tuple[ProbeSet, Path]:
     """A probe whose direction is random but calibrated so the model's harmful states score -1 on average
     (one standard deviation on the benign side): the realignment has to move them across, to the target +1,
     while benign prompts must stay on the benign side (ceiling 0)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
-    states = last_token_states(model, AutoTokenizer.from_pretrained(tiny), load_prompts("builtin:harmful", limit=N))
-    n_layers, hidden = states.shape[1:]
-    u = torch.randn(n_layers, hidden, generator=torch.Generator().manual_seed(0))
-    u = u / u.norm(dim=1, keepdim=True)
-    proj = torch.einsum("nlh,lh->nl", states, u)
-    w = u / proj.std(0)[:, None]
-    b = -(proj.mean(0) / proj.std(0)) - 1.0
-    ceiling = torch.zeros(n_layers)  # benign prompts: stay on the benign side (a quarter start across)
-    probes = ProbeSet(torch.zeros(n_layers, hidden), torch.ones(n_layers, hidden), w, b, torch.ones(n_layers),
-                      torch.ones(n_layers), torch.ones(n_layers), ceiling, list(range(n_layers)), model_signature(tiny))
+    probes = planted_probes(tiny, N, target_benign=0.0)  # benign ceiling 0: a quarter start across
     path = tmp_path_factory.mktemp("probes") / "planted.safetensors"
     probes.save(path)
     return probes, path

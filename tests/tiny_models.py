@@ -39,3 +39,25 @@ def make_tiny_llama(dst: Path, hidden: int = 64, inter: int = 128, layers: int =
         if (src / f).exists():
             shutil.copy(src / f, dst / f)
     return dst
+
+
+def planted_probes(model_dir: Path, n: int, target_benign: float):  # noqa: ANN201 - ProbeSet
+    """Probes on a random direction, calibrated so the model's first n builtin harmful prompts score -1 on
+    average (one standard deviation on the benign side), harmful target +1: realignment must move them across."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qrealign_gguf.prompts import load_prompts
+    from qrealign_gguf.realign.hidden import last_token_states, model_signature
+    from qrealign_gguf.realign.probes import ProbeSet
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    states = last_token_states(model, AutoTokenizer.from_pretrained(model_dir), load_prompts("builtin:harmful", limit=n))
+    n_layers, hidden = states.shape[1:]
+    u = torch.randn(n_layers, hidden, generator=torch.Generator().manual_seed(0))
+    u = u / u.norm(dim=1, keepdim=True)
+    proj = torch.einsum("nlh,lh->nl", states, u)
+    return ProbeSet(mean=torch.zeros(n_layers, hidden), std=torch.ones(n_layers, hidden), w=u / proj.std(0)[:, None],
+                    b=-(proj.mean(0) / proj.std(0)) - 1.0, train_acc=torch.ones(n_layers),
+                    heldout_acc=torch.ones(n_layers), target=torch.ones(n_layers),
+                    target_benign=torch.full((n_layers,), float(target_benign)), reliable=list(range(n_layers)),
+                    meta=model_signature(model_dir))
