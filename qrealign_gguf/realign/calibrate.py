@@ -78,6 +78,11 @@ class LayerStats:
     seconds: float
 
 
+def at_last(h: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """(B, T, H) states of right-padded prompts -> (B, H) at each prompt's last real token."""
+    return h[torch.arange(h.shape[0], device=h.device), last]
+
+
 def benign_loss(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, last: torch.Tensor,
                 last_weight: float = 1.0) -> torch.Tensor:
     """Mean over prompts of the relative squared error on real (unpadded) tokens, plus last_weight times the
@@ -87,8 +92,7 @@ def benign_loss(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, las
     den = ((target**2) * m).sum((1, 2)).clamp_min(1e-12)
     loss = (num / den).mean()
     if last_weight:
-        rows = torch.arange(out.shape[0], device=out.device)
-        o, t = out[rows, last], target[rows, last]
+        o, t = at_last(out, last), at_last(target, last)
         loss = loss + last_weight * (((o - t) ** 2).sum(1) / (t**2).sum(1).clamp_min(1e-12)).mean()
     return loss
 
@@ -160,7 +164,7 @@ def _evaluate(layer, weights, xb, yb, kb, xh, kh, score, margin, ceiling, size, 
         out = _run(layer, weights, p.x, p.kwargs)
         lb.append(benign_loss(out, y, p.mask, p.last, last_weight).item() * len(idx))
         if score is not None:
-            sb.append(score(out[torch.arange(out.shape[0], device=out.device), p.last]))
+            sb.append(score(at_last(out, p.last)))
     lb_mean = sum(lb) / len(xb)
     if score is None:
         return lb_mean, 0.0, 0.0, 0.0
@@ -172,7 +176,7 @@ def _evaluate(layer, weights, xb, yb, kb, xh, kh, score, margin, ceiling, size, 
 
 def _last_scores(layer, weights, p: Padded, score) -> torch.Tensor:  # noqa: ANN001
     out = _run(layer, weights, p.x, p.kwargs)
-    return score(out[torch.arange(out.shape[0], device=out.device), p.last])
+    return score(at_last(out, p.last))
 
 
 def realign_layer(layer: torch.nn.Module, targets: list[Target],
@@ -209,7 +213,7 @@ def realign_layer(layer: torch.nn.Module, targets: list[Target],
         if score is not None and s.harm_weight > 0:
             ih = torch.randperm(len(xh), generator=gen)[: s.batch].tolist()
             sc = _last_scores(layer, w, pad(xh, kh, ih), score)
-            sb = score(out[torch.arange(out.shape[0]), p.last])
+            sb = score(at_last(out, p.last))
             loss = loss + s.harm_weight * (harm_loss(sc, margin).mean() + benign_probe_loss(sb, ceiling).mean())
         if loss.item() < best_loss:  # the loss of the weights *before* this step
             best, best_loss = _snapshot(learn), loss.item()
