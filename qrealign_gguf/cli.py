@@ -253,6 +253,23 @@ def run(
     raise typer.Exit(rc or 0)
 
 
+@app.command()
+def package(
+    path: Path = typer.Argument(..., help="GGUF file to bundle"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="bundle .tar (default: <file>.bundle.tar next to it) or a directory"),
+    eval_report: Optional[Path] = typer.Option(None, "--eval", help="`qrealign-gguf eval --json` report that measured this file"),
+) -> None:
+    """Bundle a GGUF for an edge device: the file, provenance.json, a model card, SHA256SUMS (and, for custom
+    tensor types, the llama.cpp patches with build instructions for the device)."""
+    from .package import package as build_bundle
+
+    def work() -> None:
+        bundle = build_bundle(path, output, eval_report)
+        out.print(f"wrote {bundle} ({bundle.stat().st_size / 1e6:.1f} MB)")
+
+    _run(work)
+
+
 from .evaluate.cli import eval_command; app.command("eval")(eval_command)  # noqa: E402, E702
 
 
