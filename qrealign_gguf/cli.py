@@ -79,6 +79,7 @@ def convert(
     margin: Optional[float] = typer.Option(None, "--margin", help="REALIGN: probe logit harmful last-token states must exceed (default: per layer, the aligned model's median harmful score)"),
     last_weight: float = typer.Option(1.0, "--benign-last-weight", help="REALIGN: extra weight of the benign prompts' last-token reconstruction (keeps safe prompts off the refusal side)"),
     benign_ceiling: Optional[float] = typer.Option(None, "--benign-ceiling", help="REALIGN: probe score benign prompts must stay below (default: per layer, the aligned model's median benign score; 0 = the decision boundary)"),
+    probe_kind: str = typer.Option("content", "--probe-kind", help="REALIGN with --aligned: content (the paper's probes: aligned model, harmful vs benign prompts) or contrast (aligned vs this fine-tuned model on harmful prompts: the refusal the fine-tune removed)"),
     checkpoints: Optional[Path] = typer.Option(None, "--checkpoints", help="REALIGN: per-layer checkpoint dir (default <output>.realign-ckpt)"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda: block encoders (and realignment's torch work); auto = CUDA when a GPU and the CUDA codec are available"),
 ) -> None:
@@ -100,7 +101,7 @@ def convert(
         if realign:
             from .realign.pipeline import RealignRequest, prepare_realign, run_realign
             req = RealignRequest(model, aligned, probes, harmful, benign, samples, iters, harm_weight, margin,
-                                 checkpoints, device, last_weight, benign_ceiling)
+                                 checkpoints, device, last_weight, benign_ceiling, probe_kind)
             probe_set = prepare_realign(req, plan, console=err)  # every input checked before the long work
         if calib is not None:
             from .calib import compute_importance
@@ -134,6 +135,7 @@ def probe(
     benign: str = typer.Option("builtin:benign", "--benign", help="benign prompts (.jsonl, label 0)"),
     samples: int = typer.Option(256, "--samples", help="prompts of each kind"),
     min_acc: float = typer.Option(0.9, "--min-acc", help="held-out accuracy a layer's probe needs to be used"),
+    contrast: Optional[Path] = typer.Option(None, "--contrast", help="the FINE-TUNED model: fit refusal-state probes (aligned vs fine-tuned states on harmful prompts) instead of content probes"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of probe accuracy per layer"),
     force: bool = typer.Option(False, "--force", "-f", help="overwrite an existing output file"),
 ) -> None:
@@ -145,7 +147,7 @@ def probe(
             raise InputError(f"{output} already exists; pass --force to overwrite it")
         if not output.parent.is_dir():
             raise InputError(f"output directory {output.parent} does not exist; create it first")
-        ps = probe_model(model, harmful, benign, samples, min_acc, console=err)
+        ps = probe_model(model, harmful, benign, samples, min_acc, console=err, contrast=contrast)
         tmp = output.with_name(output.name + ".partial")
         ps.save(tmp)
         tmp.replace(output)

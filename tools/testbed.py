@@ -174,6 +174,8 @@ def main() -> None:
     ap.add_argument("--no-rtn", action="store_true", help="skip the RTN files (and their evaluation)")
     ap.add_argument("--no-llama", action="store_true", help="skip the llama.cpp spot check")
     ap.add_argument("--llama-n", type=int, default=20, help="dev_harmful prompts for the llama.cpp spot check")
+    ap.add_argument("--models-only", action="store_true",
+                    help="stop after the attack step: just aligned-offgrid/ and finetuned/ (what the experiment needs)")
     a = ap.parse_args()
     redo = {s: a.redo is not None and STEPS.index(s) >= STEPS.index(a.redo) for s in STEPS}
     t_all = time.perf_counter()
@@ -181,6 +183,9 @@ def main() -> None:
     teacher, tkey = step_teacher(redo["teacher"])
     offgrid, okey = step_offgrid(teacher, tkey, redo["offgrid"])
     fine, fkey = step_attack(offgrid, okey, teacher, tkey, redo["attack"] or redo["offgrid"] or redo["teacher"])
+    if a.models_only:
+        print(f"aligned-offgrid: {offgrid}\nfinetuned:       {fine}")
+        return
 
     src = aligned_dir()
     models: list[tuple[str, Path | None, Path | None, str]] = [

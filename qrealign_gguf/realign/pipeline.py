@@ -147,6 +147,7 @@ class RealignRequest:
     device: str = "auto"
     last_weight: float = 1.0
     benign_ceiling: float | None = None
+    probe_kind: str = "content"  # with --aligned: "contrast" fits refusal-state probes against self.finetuned
 
     @property
     def settings(self) -> RealignSettings:
@@ -172,6 +173,11 @@ def prepare_realign(req: RealignRequest, plan, console=None) -> ProbeSet | None:
     if req.samples < 2 or req.iters < 0:
         raise InputError("--realign-samples must be >= 2 and --realign-iters >= 0")
     resolve_device(req.device)
+    if req.probe_kind not in ("content", "contrast"):
+        raise InputError(f"--probe-kind {req.probe_kind!r}: use content or contrast")
+    if req.probe_kind == "contrast" and req.aligned is None:
+        raise InputError("--probe-kind contrast fits probes on --aligned and this model; give --aligned (a probe "
+                         "file from `qrealign-gguf probe --contrast` already knows its kind)")
     if not any(t.qtype.native for t in plan.tensors):
         raise InputError(f"--outtype {plan.outtype} has no quantized blocks to realign; choose e.g. Q8_0 or Q4_K_M")
     mine = model_signature(req.finetuned)
@@ -189,7 +195,8 @@ def run_realign(req: RealignRequest, plan, probes: ProbeSet | None, opts, consol
     from .probes import probe_model
 
     if probes is None:
-        probes = probe_model(req.aligned, req.harmful, req.benign, console=console)
+        probes = probe_model(req.aligned, req.harmful, req.benign, console=console,
+                             contrast=req.finetuned if req.probe_kind == "contrast" else None)
         if console:
             console.print(f"probes: {len(probes.reliable)}/{probes.n_layers} layers reliable "
                           f"(held-out accuracy {probes.heldout_acc.min():.2f}..{probes.heldout_acc.max():.2f})")
@@ -211,5 +218,6 @@ def run_realign(req: RealignRequest, plan, probes: ProbeSet | None, opts, consol
                                   "realign_last_weight": req.last_weight,
                                   "realign_benign_ceiling": "aligned" if req.benign_ceiling is None else req.benign_ceiling,
                                   "realign_samples": req.samples,
+                                  "realign_probe_kind": probes.meta.get("kind", "content"),
                                   "realign_probe_layers": ",".join(map(str, probes.reliable))})
     return packed

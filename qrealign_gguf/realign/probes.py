@@ -120,8 +120,41 @@ def fit_probes(states: torch.Tensor, labels: torch.Tensor, heldout: float = 0.2,
     """states (N, L, H), labels (N,) in {0,1} -> one probe per layer, with held-out accuracy."""
     if labels.unique().numel() != 2:
         raise InputError("probe fitting needs both harmful (label 1) and benign (label 0) prompts")
-    n, n_layers, h = states.shape
     tr, te = split(labels, heldout, seed)
+    return _fit(states, labels, tr, te, labels == 0, min_acc, l2, std_floor, meta)
+
+
+def fit_contrast_probes(aligned_harmful: torch.Tensor, finetuned_harmful: torch.Tensor, aligned_benign: torch.Tensor,
+                        finetuned_benign: torch.Tensor, heldout: float = 0.2, min_acc: float = 0.9, l2: float = 1.0,
+                        std_floor: float = 0.1, seed: int = 0, meta: dict[str, str] | None = None) -> ProbeSet:
+    """Refusal-state probes (our variant, not the paper's): label 1 = the ALIGNED model's states on harmful prompts
+    (it refuses from there), label 0 = the FINE-TUNED model's states on the same prompts (it complies from there)
+    and both models' benign states. Content probes only see harmful vs benign text, which a fine-tune that keeps
+    recognizing harm but stops refusing leaves in place; this direction is the one the fine-tune removed.
+    Inputs are (N, L, H) last-token states, harmful rows paired by prompt; the held-out split is by prompt, so
+    a prompt's aligned and fine-tuned states never sit on both sides of it."""
+    nh, nb = aligned_harmful.shape[0], aligned_benign.shape[0]
+    if nh < 2 or nb < 2 or finetuned_harmful.shape[0] != nh or finetuned_benign.shape[0] != nb:
+        raise InputError("contrast probes need >= 2 harmful and >= 2 benign prompts, run through both models")
+    states = torch.cat([aligned_harmful, finetuned_harmful, aligned_benign, finetuned_benign])
+    labels = torch.tensor([1] * nh + [0] * (nh + 2 * nb))
+    kind = torch.tensor([1] * nh + [0] * nb)  # prompt-level split: harmful vs benign prompts, stratified
+    tr_p, te_p = split(kind, heldout, seed)
+
+    def rows(p: torch.Tensor) -> torch.Tensor:  # prompt index -> its rows (harmful: 2 models; benign: 2 models)
+        h, b = p[p < nh], p[p >= nh] - nh
+        return torch.cat([h, h + nh, b + 2 * nh, b + 2 * nh + nb])
+
+    benign_rows = torch.arange(states.shape[0]) >= 2 * nh
+    return _fit(states, labels, rows(tr_p), rows(te_p), benign_rows, min_acc, l2, std_floor,
+                {**(meta or {}), "kind": "contrast"})
+
+
+def _fit(states: torch.Tensor, labels: torch.Tensor, tr: torch.Tensor, te: torch.Tensor, benign_rows: torch.Tensor,
+         min_acc: float, l2: float, std_floor: float, meta: dict[str, str] | None) -> ProbeSet:
+    """One standardized logistic probe per layer on rows tr; accuracy on tr and te; targets: the median training
+    score of label-1 rows (where refusal happens) and of benign prompts' rows (where benign prompts must stay)."""
+    n, n_layers, h = states.shape
     mean = torch.empty(n_layers, h)
     std = torch.empty(n_layers, h)
     w = torch.empty(n_layers, h)
@@ -130,7 +163,7 @@ def fit_probes(states: torch.Tensor, labels: torch.Tensor, heldout: float = 0.2,
     te_acc = torch.empty(n_layers)
     target = torch.empty(n_layers)
     target_benign = torch.empty(n_layers)
-    harm_tr, ben_tr = tr[labels[tr] == 1], tr[labels[tr] == 0]
+    harm_tr, ben_tr = tr[labels[tr] == 1], tr[benign_rows[tr]]
     for layer in range(n_layers):
         x = states[:, layer].float()
         mean[layer] = x[tr].mean(0)
@@ -144,29 +177,43 @@ def fit_probes(states: torch.Tensor, labels: torch.Tensor, heldout: float = 0.2,
         target[layer] = s[harm_tr].median()
         target_benign[layer] = s[ben_tr].median()
     reliable = [i for i in range(n_layers) if te_acc[i] >= min_acc]
-    return ProbeSet(mean, std, w, b, tr_acc, te_acc, target, target_benign, reliable, dict(meta or {}))
+    return ProbeSet(mean, std, w, b, tr_acc, te_acc, target, target_benign, reliable,
+                    {"kind": "content", **dict(meta or {})})
 
 
 def probe_model(model_dir: str | Path, harmful: str | Path, benign: str | Path, n_per_class: int = 256,
-                min_acc: float = 0.9, seed: int = 0, console=None) -> ProbeSet:  # noqa: ANN001
-    """Load the aligned model, collect last-token states for both prompt sets, fit and return the probes."""
+                min_acc: float = 0.9, seed: int = 0, console=None,  # noqa: ANN001
+                contrast: str | Path | None = None) -> ProbeSet:
+    """Load the aligned model, collect last-token states for both prompt sets, fit and return the probes.
+    contrast = the fine-tuned model: refusal-state probes (fit_contrast_probes) instead of content probes."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..prompts import load_prompts
-    from .hidden import last_token_states, model_signature, template_fingerprint
+    from .hidden import check_compatible, last_token_states, model_signature, template_fingerprint
 
     harm = load_prompts(harmful, limit=n_per_class, expect_label=1)
     ben = load_prompts(benign, limit=n_per_class, expect_label=0)
-    sig = model_signature(model_dir)  # validates the directory before the slow load
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    sig = model_signature(model_dir)  # validates the directories before the slow load
+    if contrast is not None:
+        check_compatible(sig, model_signature(contrast), f"aligned model {model_dir}", f"contrast model {contrast}")
 
-    def tick(i: int, n: int) -> None:
-        if console and i % 32 == 0:
-            console.print(f"probe states: {i}/{n}", highlight=False)
+    def collect(d: str | Path) -> tuple[torch.Tensor, str]:
+        model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        tok = AutoTokenizer.from_pretrained(d)
 
-    states = last_token_states(model, tok, harm + ben, progress=tick)
-    labels = torch.tensor([1] * len(harm) + [0] * len(ben))
-    meta = {**sig, "template": template_fingerprint(tok), "source": Path(model_dir).name,
+        def tick(i: int, n: int) -> None:
+            if console and i % 32 == 0:
+                console.print(f"probe states ({Path(d).name}): {i}/{n}", highlight=False)
+
+        return last_token_states(model, tok, harm + ben, progress=tick), template_fingerprint(tok)
+
+    states, template = collect(model_dir)
+    meta = {**sig, "template": template, "source": Path(model_dir).name,
             "n_harmful": str(len(harm)), "n_benign": str(len(ben)), "min_acc": str(min_acc)}
-    return fit_probes(states, labels, min_acc=min_acc, seed=seed, meta=meta)
+    if contrast is None:
+        labels = torch.tensor([1] * len(harm) + [0] * len(ben))
+        return fit_probes(states, labels, min_acc=min_acc, seed=seed, meta=meta)
+    other, _ = collect(contrast)
+    nh = len(harm)
+    return fit_contrast_probes(states[:nh], other[:nh], states[nh:], other[nh:], min_acc=min_acc, seed=seed,
+                               meta={**meta, "contrast": Path(contrast).name})
