@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from qrealign_gguf.errors import InputError
-from qrealign_gguf.realign.probes import ProbeSet, fit_probes
+from qrealign_gguf.realign.probes import ProbeSet, fit_contrast_probes, fit_probes
 
 
 def _synthetic(n=200, layers=3, hidden=16, seed=0):
@@ -90,3 +90,39 @@ def test_not_a_probe_file(tmp_path):
         ProbeSet.load(f)
     with pytest.raises(InputError, match="does not exist"):
         ProbeSet.load(tmp_path / "missing.safetensors")
+
+
+def _contrast_world(n=120, hidden=16, seed=0):
+    """Both models see harmful content along `content`; only the aligned one adds `refuse` on harmful prompts
+    (what a fine-tune that keeps recognizing harm but stops refusing looks like)."""
+    g = torch.Generator().manual_seed(seed)
+    content, refuse = torch.randn(hidden, generator=g), torch.randn(hidden, generator=g)
+    refuse -= (refuse @ content) / (content @ content) * content  # orthogonal: a content probe cannot see it
+
+    def states(harmful: bool, aligned: bool) -> torch.Tensor:
+        x = 0.5 * torch.randn(n, 1, hidden, generator=g) + 3  # refusal term: small next to content, as measured
+        return x + 2.0 * harmful * content + 0.5 * (harmful and aligned) * refuse
+
+    return states(True, True), states(True, False), states(False, True), states(False, False), content, refuse
+
+
+def test_contrast_probe_separates_refusing_from_complying_states():
+    ah, fh, ab, fb, content, refuse = _contrast_world()
+    p = fit_contrast_probes(ah, fh, fb)
+    assert p.meta["kind"] == "contrast" and p.reliable == [0] and p.heldout_acc[0] >= 0.9
+    assert (p.score(0, ah[:, 0]) > 0).float().mean() > 0.9  # aligned harmful: refusal side
+    assert (p.score(0, fh[:, 0]) < 0).float().mean() > 0.9  # fine-tuned harmful: compliance side
+    assert p.target[0] > 0 and p.target_benign[0] < p.target[0]
+    # the content probe (the paper's) calls the fine-tuned harmful states harmful: it cannot see what was lost
+    c = fit_probes(torch.cat([ah, ab]), torch.tensor([1] * len(ah) + [0] * len(ab)))
+    assert c.meta["kind"] == "content" and (c.score(0, fh[:, 0]) > 0).float().mean() > 0.9
+
+
+def test_contrast_probe_heldout_split_is_by_prompt():
+    """A prompt's aligned and fine-tuned states land on the same side of the split (no near-duplicate leak):
+    with states that differ only in the refusal term, held-out accuracy still comes from unseen prompts."""
+    ah, fh, ab, fb, *_ = _contrast_world(n=40)
+    p = fit_contrast_probes(ah, fh, fb, heldout=0.25)
+    assert p.heldout_acc[0] >= 0.9
+    with pytest.raises(InputError, match="both models"):
+        fit_contrast_probes(ah, fh[:-1], fb)

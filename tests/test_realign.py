@@ -131,4 +131,20 @@ def test_bad_realign_inputs(tiny, planted, tmp_path):
     _fails(base + ["--probes", str(tmp_path / "missing.safetensors")], "does not exist")
     _fails(["convert", str(tiny), "-o", str(tmp_path / "o.gguf"), "--outtype", "F16", "--probes", str(probe_file)],
            "no quantized blocks")
+    _fails(base + ["--probes", str(probe_file), "--probe-kind", "contrast"], "give --aligned")
+    _fails(base + ["--aligned", str(tiny), "--probe-kind", "refusal"], "use content or contrast")
     assert not (tmp_path / "o.gguf").exists()
+
+
+def test_contrast_probes_from_two_real_models(tiny, tmp_path):
+    """`probe ALIGNED --contrast FINETUNED` on two tiny models of one architecture (different seeds): a contrast
+    probe file the realignment accepts, its targets ordered (aligned harmful above the fine-tuned benign level)."""
+    other = make_tiny_llama(tmp_path / "aligned", hidden=64, inter=128, layers=2, seed=1)
+    out = tmp_path / "c.safetensors"
+    r = runner.invoke(app, ["probe", str(other), "--contrast", str(tiny), "-o", str(out), "--samples", "10"])
+    assert r.exit_code == 0, r.output
+    p = ProbeSet.load(out)
+    assert p.meta["kind"] == "contrast" and p.meta["contrast"] == tiny.name and p.n_layers == 2
+    assert (p.heldout_acc > 0.9).all() and (p.target > p.target_benign).all()  # two random models: trivially apart
+    mismatched = make_tiny_llama(tmp_path / "wide", hidden=96, inter=128, layers=2)
+    _fails(["probe", str(other), "--contrast", str(mismatched), "-o", str(tmp_path / "x.safetensors")], "hidden_size")

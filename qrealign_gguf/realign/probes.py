@@ -13,6 +13,11 @@ harm term then competes with reconstruction on equal terms), and the std floor s
 from being amplified. `target` is the median score of the aligned
 model's own harmful training prompts: calibration pushes harmful states to where the aligned model has them,
 not to an arbitrary logit; `target_benign` (the benign median) is where benign prompts must stay below.
+
+Two kinds (meta "kind"): "content" is the paper's probe above. "contrast" (fit_contrast_probes, `probe
+--contrast FINETUNED`) is ours: aligned vs fine-tuned states on the same harmful prompts, i.e. the refusal the
+fine-tune removed; the testbed showed why it is needed (docs/BENCHMARKS.md: the fine-tuned model still puts
+harmful prompts on the content probe's harmful side in most layers while complying with all of them).
 """
 from __future__ import annotations
 
@@ -85,8 +90,11 @@ class ProbeSet:
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1.0, iters: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
-    """Regularized logistic regression on already-standardized features (full-batch L-BFGS)."""
+    """Regularized logistic regression on already-standardized features (full-batch L-BFGS). Classes are weighted
+    to count equally (pos_weight = n0 / n1), so an imbalanced set (contrast probes: 1 : 3) moves the boundary,
+    not just the bias."""
     n, d = x.shape
+    pos_weight = ((y == 0).sum() / (y == 1).sum().clamp_min(1)).double()
     w = torch.zeros(d, dtype=torch.float64, requires_grad=True)
     b = torch.zeros((), dtype=torch.float64, requires_grad=True)
     x64, y64 = x.double(), y.double()
@@ -94,7 +102,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1.0, iters: int =
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(x64 @ w + b, y64) + l2 * (w * w).sum() / 2
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x64 @ w + b, y64, pos_weight=pos_weight) + l2 * (w * w).sum() / 2
         loss.backward()
         return loss
 
@@ -121,39 +129,38 @@ def fit_probes(states: torch.Tensor, labels: torch.Tensor, heldout: float = 0.2,
     if labels.unique().numel() != 2:
         raise InputError("probe fitting needs both harmful (label 1) and benign (label 0) prompts")
     tr, te = split(labels, heldout, seed)
-    return _fit(states, labels, tr, te, labels == 0, min_acc, l2, std_floor, meta)
+    return _fit(states, labels, tr, te, tr[labels[tr] == 0], min_acc, l2, std_floor, meta)
 
 
-def fit_contrast_probes(aligned_harmful: torch.Tensor, finetuned_harmful: torch.Tensor, aligned_benign: torch.Tensor,
-                        finetuned_benign: torch.Tensor, heldout: float = 0.2, min_acc: float = 0.9, l2: float = 1.0,
-                        std_floor: float = 0.1, seed: int = 0, meta: dict[str, str] | None = None) -> ProbeSet:
+def fit_contrast_probes(aligned_harmful: torch.Tensor, finetuned_harmful: torch.Tensor, finetuned_benign: torch.Tensor,
+                        heldout: float = 0.2, min_acc: float = 0.9, l2: float = 1.0, std_floor: float = 0.1,
+                        seed: int = 0, meta: dict[str, str] | None = None) -> ProbeSet:
     """Refusal-state probes (our variant, not the paper's): label 1 = the ALIGNED model's states on harmful prompts
-    (it refuses from there), label 0 = the FINE-TUNED model's states on the same prompts (it complies from there)
-    and both models' benign states. Content probes only see harmful vs benign text, which a fine-tune that keeps
-    recognizing harm but stops refusing leaves in place; this direction is the one the fine-tune removed.
-    Inputs are (N, L, H) last-token states, harmful rows paired by prompt; the held-out split is by prompt, so
-    a prompt's aligned and fine-tuned states never sit on both sides of it."""
-    nh, nb = aligned_harmful.shape[0], aligned_benign.shape[0]
-    if nh < 2 or nb < 2 or finetuned_harmful.shape[0] != nh or finetuned_benign.shape[0] != nb:
-        raise InputError("contrast probes need >= 2 harmful and >= 2 benign prompts, run through both models")
-    states = torch.cat([aligned_harmful, finetuned_harmful, aligned_benign, finetuned_benign])
-    labels = torch.tensor([1] * nh + [0] * (nh + 2 * nb))
-    kind = torch.tensor([1] * nh + [0] * nb)  # prompt-level split: harmful vs benign prompts, stratified
-    tr_p, te_p = split(kind, heldout, seed)
-
-    def rows(p: torch.Tensor) -> torch.Tensor:  # prompt index -> its rows (harmful: 2 models; benign: 2 models)
-        h, b = p[p < nh], p[p >= nh] - nh
-        return torch.cat([h, h + nh, b + 2 * nh, b + 2 * nh + nb])
-
-    benign_rows = torch.arange(states.shape[0]) >= 2 * nh
-    return _fit(states, labels, rows(tr_p), rows(te_p), benign_rows, min_acc, l2, std_floor,
+    (it refuses from there), label 0 = the FINE-TUNED model's states on the same prompts (it complies from there).
+    A content probe separates harmful from benign text, which a fine-tune that keeps recognizing harm but stops
+    refusing leaves in place; with the strong L2 this probe's direction is close to the mean shift the fine-tune
+    caused on harmful prompts, i.e. the refusal it removed. Benign prompts are not in the fit (with them in class 0
+    the direction turns back into a content direction); target_benign is the fine-tuned model's benign median,
+    the level calibration keeps benign prompts under. Inputs: (N, L, H) last-token states, harmful rows paired by
+    prompt; the held-out split is by prompt, so a prompt's two states never sit on both sides of it."""
+    nh, nb = aligned_harmful.shape[0], finetuned_benign.shape[0]
+    if nh < 4 or nb < 1 or finetuned_harmful.shape[0] != nh:
+        raise InputError("contrast probes need >= 4 harmful prompts run through both models and >= 1 benign prompt")
+    states = torch.cat([aligned_harmful, finetuned_harmful, finetuned_benign])
+    labels = torch.tensor([1] * nh + [0] * nh + [0] * nb)
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(nh, generator=g)
+    k = max(1, int(round(nh * heldout)))
+    te_p, tr_p = perm[:k], perm[k:]
+    tr, te = torch.cat([tr_p, tr_p + nh]), torch.cat([te_p, te_p + nh])
+    return _fit(states, labels, tr, te, torch.arange(2 * nh, 2 * nh + nb), min_acc, l2, std_floor,
                 {**(meta or {}), "kind": "contrast"})
 
 
-def _fit(states: torch.Tensor, labels: torch.Tensor, tr: torch.Tensor, te: torch.Tensor, benign_rows: torch.Tensor,
+def _fit(states: torch.Tensor, labels: torch.Tensor, tr: torch.Tensor, te: torch.Tensor, benign_idx: torch.Tensor,
          min_acc: float, l2: float, std_floor: float, meta: dict[str, str] | None) -> ProbeSet:
-    """One standardized logistic probe per layer on rows tr; accuracy on tr and te; targets: the median training
-    score of label-1 rows (where refusal happens) and of benign prompts' rows (where benign prompts must stay)."""
+    """One standardized logistic probe per layer on rows tr; accuracy on tr and te; targets: the median score of
+    label-1 training rows (where refusal happens) and of rows benign_idx (where benign prompts must stay)."""
     n, n_layers, h = states.shape
     mean = torch.empty(n_layers, h)
     std = torch.empty(n_layers, h)
@@ -163,7 +170,7 @@ def _fit(states: torch.Tensor, labels: torch.Tensor, tr: torch.Tensor, te: torch
     te_acc = torch.empty(n_layers)
     target = torch.empty(n_layers)
     target_benign = torch.empty(n_layers)
-    harm_tr, ben_tr = tr[labels[tr] == 1], tr[benign_rows[tr]]
+    harm_tr = tr[labels[tr] == 1]
     for layer in range(n_layers):
         x = states[:, layer].float()
         mean[layer] = x[tr].mean(0)
@@ -175,7 +182,7 @@ def _fit(states: torch.Tensor, labels: torch.Tensor, tr: torch.Tensor, te: torch
         tr_acc[layer] = ((s[tr] > 0) == labels[tr].bool()).float().mean()
         te_acc[layer] = ((s[te] > 0) == labels[te].bool()).float().mean()
         target[layer] = s[harm_tr].median()
-        target_benign[layer] = s[ben_tr].median()
+        target_benign[layer] = s[benign_idx].median()
     reliable = [i for i in range(n_layers) if te_acc[i] >= min_acc]
     return ProbeSet(mean, std, w, b, tr_acc, te_acc, target, target_benign, reliable,
                     {"kind": "content", **dict(meta or {})})
@@ -197,7 +204,7 @@ def probe_model(model_dir: str | Path, harmful: str | Path, benign: str | Path, 
     if contrast is not None:
         check_compatible(sig, model_signature(contrast), f"aligned model {model_dir}", f"contrast model {contrast}")
 
-    def collect(d: str | Path) -> tuple[torch.Tensor, str]:
+    def collect(d: str | Path, prompts: list) -> tuple[torch.Tensor, str]:
         model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
         tok = AutoTokenizer.from_pretrained(d)
 
@@ -205,15 +212,16 @@ def probe_model(model_dir: str | Path, harmful: str | Path, benign: str | Path, 
             if console and i % 32 == 0:
                 console.print(f"probe states ({Path(d).name}): {i}/{n}", highlight=False)
 
-        return last_token_states(model, tok, harm + ben, progress=tick), template_fingerprint(tok)
+        return last_token_states(model, tok, prompts, progress=tick), template_fingerprint(tok)
 
-    states, template = collect(model_dir)
+    # contrast probes need the aligned model on harmful prompts only, the fine-tuned one on both kinds
+    states, template = collect(model_dir, harm + ben if contrast is None else harm)
     meta = {**sig, "template": template, "source": Path(model_dir).name,
             "n_harmful": str(len(harm)), "n_benign": str(len(ben)), "min_acc": str(min_acc)}
     if contrast is None:
         labels = torch.tensor([1] * len(harm) + [0] * len(ben))
         return fit_probes(states, labels, min_acc=min_acc, seed=seed, meta=meta)
-    other, _ = collect(contrast)
+    other, _ = collect(contrast, harm + ben)
     nh = len(harm)
-    return fit_contrast_probes(states[:nh], other[:nh], states[nh:], other[nh:], min_acc=min_acc, seed=seed,
+    return fit_contrast_probes(states, other[:nh], other[nh:], min_acc=min_acc, seed=seed,
                                meta={**meta, "contrast": Path(contrast).name})
