@@ -92,8 +92,9 @@ def _generate(path: Path, kind: str, prompts: list[str], max_new: int, n_paralle
     stats: dict = {}
     try:
         if kind == "gguf":
+            from ..llama_runtime import build_for
             ans = generate_gguf(path, prompts, max_new_tokens=max_new, n_parallel=n_parallel, threads=threads,
-                                template=template, stats=stats)
+                                template=template, stats=stats, build=build_for(path))
         else:
             ans = generate_hf(path, prompts, max_new_tokens=max_new, batch_size=n_parallel, threads=threads, stats=stats)
     except LlamaCallError as e:
@@ -169,9 +170,12 @@ def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | Non
     judge_kind = check_model(Path(judge), "--judge") if judge is not None else None
     sets = {k: load_set(Path(v), k, limit) for k, v in files.items() if v is not None}
     if "gguf" in kinds + [ref_kind, judge_kind]:
-        from ..llama_runtime import LlamaNotFound, find_llama
-        try:
+        from ..llama_runtime import LlamaNotFound, build_for, find_llama
+        try:  # before any long work; files with custom tensor types need (and first build) the patched flavour
             find_llama()
+            for m, k in zip(models, kinds):
+                if k == "gguf":
+                    build_for(m)
         except LlamaNotFound as e:
             raise InputError(str(e).splitlines()[0]) from None
 
@@ -315,7 +319,8 @@ def _perplexity(report: dict, reference: Path, ref_kind: str, benign: list[Promp
                 continue
             log.print(f"KLD: {v['name']}")
             try:
-                r = M.kld_variant(m, base, n_ctx, threads=threads)
+                from ..llama_runtime import build_for
+                r = M.kld_variant(m, base, n_ctx, threads=threads, build=build_for(m))
                 v.update(ppl=r.ppl, ppl_base=r.ppl_base, kld=r.kld, kld_unc=r.kld_unc)
             except M.PerplexityError as e:
                 v["ppl"] = v["kld"] = None
