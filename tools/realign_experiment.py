@@ -2,8 +2,8 @@
 
     .venv/bin/python tools/realign_experiment.py --aligned A_DIR --finetuned F_DIR --out DIR [--probes P]
 
-Variants: aligned F16, fine-tuned F16, fine-tuned RTN Q8_0 / Q4_K_M, fine-tuned imatrix Q4_K_M, realigned
-Q8_0 / Q4_K_M. Each conversion's wall time and peak RSS are measured as a separate process; evaluation uses
+Variants: aligned F16, fine-tuned F16, fine-tuned RTN Q8_0 / Q4_K_M / Q5_K_M / QR4_KO (custom type), fine-tuned
+imatrix Q4_K_M, realigned Q8_0 / Q4_K_M / QR4_KO (--tag names them, one per --realign-args setting). Each conversion's wall time and peak RSS are measured as a separate process; evaluation uses
 dev_harmful / dev_overrefusal / dev_benign (never seen by probes or calibration), the fine-tuned F16 file as
 helpfulness and KLD reference and the aligned F16 file as the second refusal judge. Results go to
 DIR/results.json and a markdown table on stdout. Finished steps are reused when rerun.
@@ -40,12 +40,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--probes", type=Path, help="default: fit on --aligned into OUT/probes.safetensors")
     ap.add_argument("--realign-args", default="", help="extra convert options for the realigned variants")
+    ap.add_argument("--tag", default="", help="name the realigned variants realigned-TAG-<type> (one per setting)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--limit", type=int)
     ap.add_argument("--only", nargs="*", help="variant names to (re)build")
     ap.add_argument("--variants", nargs="*", help="build and evaluate only these variants (default: all)")
     ap.add_argument("--no-eval", action="store_true", help="convert only")
     ap.add_argument("--judge", type=Path, help="aligned model file for the model judge (default OUT/aligned-F16.gguf)")
+    ap.add_argument("--no-judge", action="store_true", help="keyword judge only (the model judge costs ~4 s/answer on CPU)")
     a = ap.parse_args()
     out = a.out
     out.mkdir(parents=True, exist_ok=True)
@@ -59,9 +61,12 @@ def main() -> None:
         "finetuned-RTN-Q4_K_M": [str(a.finetuned), "--outtype", "Q4_K_M"],
         "finetuned-imatrix-Q4_K_M": [str(a.finetuned), "--outtype", "Q4_K_M", "--calib", "builtin:benign",
                                      "--calib-samples", "64", "--save-imatrix", str(imatrix)],
-        "realigned-Q8_0": [str(a.finetuned), "--outtype", "Q8_0", "--probes", str(probes), *extra],
-        "realigned-Q4_K_M": [str(a.finetuned), "--outtype", "Q4_K_M", "--probes", str(probes), *extra],
+        "finetuned-RTN-Q5_K_M": [str(a.finetuned), "--outtype", "Q5_K_M"],
+        "finetuned-RTN-QR4_KO": [str(a.finetuned), "--outtype", "QR4_KO"],  # custom type: patched llama.cpp
     }
+    tag = f"{a.tag}-" if a.tag else ""
+    for qt in ("Q8_0", "Q4_K_M", "QR4_KO"):
+        variants[f"realigned-{tag}{qt}"] = [str(a.finetuned), "--outtype", qt, "--probes", str(probes), *extra]
     costs_file = out / "conversions.json"
     costs = json.loads(costs_file.read_text()) if costs_file.exists() else {}
     if a.variants:
@@ -82,10 +87,11 @@ def main() -> None:
     if a.no_eval:
         return
     files = [str(out / f"{n}.gguf") for n in variants]
-    report = out / "report.json"
+    report = out / (f"report-{a.tag}.json" if a.tag else "report.json")
     cmd = [CLI, "eval", *files, "--harmful", str(DATA / "dev_harmful.jsonl"),
            "--overrefusal", str(DATA / "dev_overrefusal.jsonl"), "--benign", str(DATA / "dev_benign.jsonl"),
-           "--reference", str(out / "finetuned-F16.gguf"), "--judge", str(a.judge or out / "aligned-F16.gguf"),
+           "--reference", str(out / "finetuned-F16.gguf"),
+           *([] if a.no_judge else ["--judge", str(a.judge or out / "aligned-F16.gguf")]),
            "--max-new-tokens", str(a.max_new_tokens), "--json", str(report), "--plot", str(out / "report.png"),
            "--cache", str(out / "answers")]
     if a.limit:
