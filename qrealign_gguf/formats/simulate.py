@@ -287,11 +287,11 @@ def init_params(t: QType | str, W: Tensor | np.ndarray, packed: np.ndarray | Non
     (that encoding of W) is given. Tensors live on W's device; the learnables have requires_grad."""
     qt, f = _info(t)
     W = torch.as_tensor(W)
-    dev, Wn = W.device, W.detach().float().cpu().numpy()
+    dev = W.device
     if packed is None:
         im = None if imatrix is None else np.asarray(torch.as_tensor(imatrix).detach().float().cpu())
-        packed = codec.quantize(Wn, qt, im)
-    bp = to_torch(codec.unpack(packed, qt, Wn.shape[1]), dev)
+        packed = codec.quantize(W.detach().float().cpu().numpy(), qt, im)
+    bp = to_torch(codec.unpack(packed, qt, W.shape[1]), dev)
     d0 = bp["d"].float()
     m0 = bp["dmin"].float() if "dmin" in bp else None
     sc0 = _level(bp["sc"], f.sc_lo, f.sc_off) if f.family == "k" else None

@@ -179,6 +179,16 @@ def _last_scores(layer, weights, p: Padded, score) -> torch.Tensor:  # noqa: ANN
     return score(at_last(out, p.last))
 
 
+def initial_encoding(t: Target, w: torch.Tensor) -> np.ndarray:
+    """The native encoder's bytes for w (the search's starting point): on the GPU when w lives there and the
+    CUDA codec can run (byte-identical with the C codec by design), else the C codec. Custom types (QR4_KO)
+    have no CUDA encoder yet."""
+    from ..formats import cuda_codec
+
+    dev = "auto" if w.is_cuda and not t.qtype.custom else "cpu"
+    return cuda_codec.encode(t.qtype, w, t.importance, device=dev)
+
+
 def realign_layer(layer: torch.nn.Module, targets: list[Target],
                   benign: tuple[list, list, list], harmful: tuple[list, list],
                   score: Callable[[torch.Tensor], torch.Tensor] | None, margin: float, ceiling: float,
@@ -189,7 +199,8 @@ def realign_layer(layer: torch.nn.Module, targets: list[Target],
     xb, yb, kb = benign
     xh, kh = harmful
     base = {t.module: layer.get_submodule(t.module).weight.detach().float() for t in targets}
-    learn = {t.module: simulate.init_params(t.qtype, base[t.module], imatrix=t.importance) for t in targets}
+    learn = {t.module: simulate.init_params(t.qtype, base[t.module], initial_encoding(t, base[t.module]),
+                                            imatrix=t.importance) for t in targets}
     params = [g for t in targets for g in learn[t.module].param_groups(s.lr)]
     opt = torch.optim.Adam(params)
     gen = torch.Generator().manual_seed(s.seed * 100003 + layer_index)

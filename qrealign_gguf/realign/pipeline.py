@@ -41,8 +41,9 @@ def _targets(plan, layer: int, importance: dict[str, np.ndarray]) -> list[Target
     return out
 
 
-def _quantized_embedding(plan, importance: dict[str, np.ndarray]) -> torch.Tensor | None:  # noqa: ANN001
-    """The token embedding as the file will store it (layer 0's real input)."""
+def _quantized_embedding(plan, importance: dict[str, np.ndarray], device: str = "cpu") -> torch.Tensor | None:  # noqa: ANN001
+    """The token embedding as the file will store it (layer 0's real input); encoded on the GPU when realigning
+    there (the CUDA codec writes the C codec's bytes)."""
     p = next((t for t in plan.tensors if t.source.name == "token_embd.weight"), None)
     if p is None or p.qtype.name == "F32":
         return None
@@ -51,7 +52,9 @@ def _quantized_embedding(plan, importance: dict[str, np.ndarray]) -> torch.Tenso
         return torch.from_numpy(codec.to_f16(e).astype(np.float32))
     if p.qtype.name == "BF16":
         return torch.from_numpy((codec.to_bf16(e).astype(np.uint32) << 16).view(np.float32))
-    data = codec.quantize(e, p.qtype, importance.get(p.source.name))
+    from ..formats import cuda_codec
+    dev = "auto" if device == "cuda" and not p.qtype.custom else "cpu"
+    data = cuda_codec.encode(p.qtype, e, importance.get(p.source.name), device=dev)
     return torch.from_numpy(codec.dequantize(data, p.qtype, e.shape[1]))
 
 
@@ -97,7 +100,7 @@ def realign_model(finetuned: str | Path, plan, probes: ProbeSet, settings: Reali
     torch.set_num_threads(max(1, torch.get_num_threads()))
     ids_b = [chat_ids(tok, p.text, settings.max_tokens) for p in ben]
     ids_h = [chat_ids(tok, p.text, settings.max_tokens) for p in harm]
-    cache = capture(model, ids_b + ids_h, _quantized_embedding(plan, importance))
+    cache = capture(model, ids_b + ids_h, _quantized_embedding(plan, importance, device))
     nb = len(ids_b)
     layers = decoder_layers(model)
     xq = cache.q0
