@@ -22,6 +22,13 @@ if [ -x "$prefix/bin/llama-completion" ] && [ -f "$prefix/.complete" ]; then ech
 if [ "${2:-}" = --check ]; then exit 1; fi
 
 mkdir -p "$CACHE/sdist" "$CACHE/llama.cpp"
+# one build per key at a time: a second caller (a pytest worker, `make demo` next to `make test`) waits for the
+# first and then reuses its result, instead of wiping the shared source/build dir under it
+if command -v flock >/dev/null; then
+  exec 9>"$CACHE/llama.cpp/.lock-$VERSION-$FLAVOUR-$key"
+  flock 9
+  if [ -x "$prefix/bin/llama-completion" ] && [ -f "$prefix/.complete" ]; then echo "$prefix"; exit 0; fi
+fi
 sdist="$CACHE/sdist/llama_cpp_python-$VERSION.tar.gz"
 if [ ! -f "$sdist" ]; then
   echo "downloading llama-cpp-python==$VERSION sdist (vendored llama.cpp source)" >&2
