@@ -59,9 +59,10 @@ test: install llama llama-patched cuda-check
 test-slow: install llama
 	$(VPY) -m pytest -q -m slow $(PYTEST_ARGS)
 
-bench: install llama
+bench: install llama llama-patched
 	$(VPY) tools/bench_encoders.py
 	$(VPY) tools/bench_convert.py
+	$(VPY) tools/bench_custom_type.py --model qwen05
 
 # the safety testbed: aligned Qwen2.5-Coder-0.5B moved off the GGUF grid + a fine-tune whose refusal is broken
 testbed: install llama
