@@ -148,3 +148,20 @@ def test_contrast_probes_from_two_real_models(tiny, tmp_path):
     assert (p.heldout_acc > 0.9).all() and (p.target > p.target_benign).all()  # two random models: trivially apart
     mismatched = make_tiny_llama(tmp_path / "wide", hidden=96, inter=128, layers=2)
     _fails(["probe", str(other), "--contrast", str(mismatched), "-o", str(tmp_path / "x.safetensors")], "hidden_size")
+
+
+def test_batched_last_token_states_equal_one_by_one(tiny):
+    """Right-padded batches give every prompt's last-token states as a lone run does (causal attention)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qrealign_gguf.prompts import load_prompts
+    from qrealign_gguf.realign.hidden import last_token_states
+
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny)
+    prompts = load_prompts("builtin:harmful", limit=5) + load_prompts("builtin:benign", limit=5)
+    one = last_token_states(model, tok, prompts, batch=1)
+    many = last_token_states(model, tok, prompts, batch=4)
+    assert one.shape == (10, 2, 64)
+    torch.testing.assert_close(many, one, rtol=1e-4, atol=1e-5)
