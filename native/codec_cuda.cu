@@ -14,6 +14,7 @@
 #include "qrealign_cuda.h"
 #include "blocks_legacy.h"
 #include "blocks_k.h"
+#include "blocks_custom.h"
 
 namespace {
 
@@ -99,6 +100,20 @@ __global__ void unpack_k(kinfo k, const uint8_t *src, uint8_t *q, uint16_t *d, u
     if (k.mnmax) dmin[g] = dm;
 }
 
+/* QR4_KO (qrealign's Q4_K + 4 fp16 outliers): quantize/dequantize only; its pack/unpack carry outliers,
+ * which this API has no arguments for (the C codec's qr_pack_outliers does that). */
+__global__ void quant_qr4ko(const float *src, uint8_t *dst, int64_t nblocks, int64_t nb, const float *imatrix) {
+    const int64_t g = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (g >= nblocks) return;
+    qr4ko_quant_block(src + g * QK_K, imatrix ? imatrix + (g % nb) * QK_K : nullptr, dst + g * QR4_KO_SIZE);
+}
+
+__global__ void dequant_qr4ko(const uint8_t *src, float *dst, int64_t nblocks) {
+    const int64_t g = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (g >= nblocks) return;
+    qr4ko_dequant_block(src + g * QR4_KO_SIZE, dst + g * QK_K);
+}
+
 /* ---- host plumbing ------------------------------------------------------------------------------ */
 
 thread_local char last_error[256] = "";
@@ -110,7 +125,8 @@ int cuda_fail(cudaError_t e, const char *what) {
 
 /* Which codec, and the checks of qrealign.h's API (same codes as the CPU path). */
 struct Codec {
-    int legacy;      /* 1: qrl_*, 0: qrk_* */
+    int legacy;      /* 1: qrl_*, 0: qrk_* (or QR4_KO when custom) */
+    int custom;      /* QR4_KO: quantize/dequantize only */
     qrl_fmt f;
     kinfo k;
     int64_t block;
@@ -120,6 +136,11 @@ struct Codec {
 int find_codec(int type, Codec *c) {
     c->f = qrl_format(type);
     c->k = qrk_info(type);
+    c->custom = 0;
+    if (type == QR_QR4_KO) {
+        c->legacy = 0; c->custom = 1; c->block = QK_K; c->nsub = 8; c->has_dmin = 1; c->has_mn = 1;
+        return QR_OK;
+    }
     if (c->f.type >= 0) {
         c->legacy = 1; c->block = QRL_QB; c->nsub = 0; c->has_dmin = c->f.has_m; c->has_mn = 0;
         return QR_OK;
@@ -225,6 +246,8 @@ int qr_cuda_quantize(int type, const float *src, void *dst, int64_t nrows, int64
         } else {
             quant_legacy<<<grid(nblocks, THREADS_LEGACY), THREADS_LEGACY, 0, s>>>(c.f, src, y, nblocks, nb, imatrix);
         }
+    } else if (c.custom) {
+        quant_qr4ko<<<grid(nblocks, THREADS_K), THREADS_K, 0, s>>>(src, y, nblocks, nb, imatrix);
     } else {
         quant_k<<<grid(nblocks, THREADS_K), THREADS_K, 0, s>>>(c.k, src, y, nblocks, nb, imatrix);
     }
@@ -242,6 +265,7 @@ int qr_cuda_dequantize(int type, const void *src, float *dst, int64_t nrows, int
     cudaStream_t s = (cudaStream_t)stream;
     const int64_t nblocks = nrows * (ncols / c.block);
     if (c.legacy) dequant_legacy<<<grid(nblocks, THREADS_LEGACY), THREADS_LEGACY, 0, s>>>(c.f, (const uint8_t *)src, dst, nblocks);
+    else if (c.custom) dequant_qr4ko<<<grid(nblocks, THREADS_K), THREADS_K, 0, s>>>((const uint8_t *)src, dst, nblocks);
     else dequant_k<<<grid(nblocks, THREADS_K), THREADS_K, 0, s>>>(c.k, (const uint8_t *)src, dst, nblocks);
     return launched("dequantize kernel");
 }
@@ -251,6 +275,7 @@ int qr_cuda_pack(int type, const uint8_t *q, const uint16_t *d, const uint16_t *
     Codec c;
     int rc = check(type, nrows, ncols, &c);
     if (rc) return rc;
+    if (c.custom) return QR_E_TYPE;
     if ((rc = check_params(&c, q, d, dmin, sc, mn)) || !dst) return rc ? rc : QR_E_ARG;
     if (nrows == 0) return QR_OK;
     DeviceGuard guard(q);
@@ -263,6 +288,7 @@ int qr_cuda_unpack(int type, const void *src, uint8_t *q, uint16_t *d, uint16_t 
     Codec c;
     int rc = check(type, nrows, ncols, &c);
     if (rc) return rc;
+    if (c.custom) return QR_E_TYPE;
     if ((rc = check_params(&c, q, d, dmin, sc, mn)) || !src) return rc ? rc : QR_E_ARG;
     if (nrows == 0) return QR_OK;
     DeviceGuard guard(src);

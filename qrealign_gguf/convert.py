@@ -158,7 +158,7 @@ def _encode(x: np.ndarray, t: QType, importance: np.ndarray | None, threads: int
         return codec.to_f16(x)
     if t.name == "BF16":
         return codec.to_bf16(x)
-    if device == "cuda" and not t.custom:  # same bytes as the C codec (tests/test_cuda_codec.py); custom: C only
+    if device == "cuda":  # same bytes as the C codec (tests/test_cuda_codec.py)
         from .formats import cuda_codec
         return cuda_codec.encode(t, x.reshape(-1, x.shape[-1]), importance, device="cuda")
     return codec.quantize(x.reshape(-1, x.shape[-1]), t, imatrix=importance, threads=threads)

@@ -181,11 +181,10 @@ def _last_scores(layer, weights, p: Padded, score) -> torch.Tensor:  # noqa: ANN
 
 def initial_encoding(t: Target, w: torch.Tensor) -> np.ndarray:
     """The native encoder's bytes for w (the search's starting point): on the GPU when w lives there and the
-    CUDA codec can run (byte-identical with the C codec by design), else the C codec. Custom types (QR4_KO)
-    have no CUDA encoder yet."""
+    CUDA codec can run (byte-identical with the C codec by design), else the C codec."""
     from ..formats import cuda_codec
 
-    dev = "auto" if w.is_cuda and not t.qtype.custom else "cpu"
+    dev = "auto" if w.is_cuda else "cpu"
     return cuda_codec.encode(t.qtype, w, t.importance, device=dev)
 
 

@@ -53,7 +53,7 @@ def _quantized_embedding(plan, importance: dict[str, np.ndarray], device: str = 
     if p.qtype.name == "BF16":
         return torch.from_numpy((codec.to_bf16(e).astype(np.uint32) << 16).view(np.float32))
     from ..formats import cuda_codec
-    dev = "auto" if device == "cuda" and not p.qtype.custom else "cpu"
+    dev = "auto" if device == "cuda" else "cpu"
     data = cuda_codec.encode(p.qtype, e, importance.get(p.source.name), device=dev)
     return torch.from_numpy(codec.dequantize(data, p.qtype, e.shape[1]))
 

@@ -9,6 +9,7 @@
 
 #include "blocks_legacy.h"
 #include "blocks_k.h"
+#include "blocks_custom.h"
 
 int main(int argc, char **argv) {
     if (argc != 5) { fprintf(stderr, "usage: %s TYPE NROWS NCOLS HAS_IMATRIX\n", argv[0]); return 2; }
@@ -17,8 +18,9 @@ int main(int argc, char **argv) {
     const bool has_im = atoi(argv[4]) != 0;
     const qrl_fmt f = qrl_format(type);
     const kinfo k = qrk_info(type);
-    if (f.type < 0 && k.type < 0) return 3;
-    const int64_t block = f.type >= 0 ? QRL_QB : QK_K, size = f.type >= 0 ? f.size : k.size;
+    const bool ko = type == QR_QR4_KO;
+    if (f.type < 0 && k.type < 0 && !ko) return 3;
+    const int64_t block = f.type >= 0 ? QRL_QB : QK_K, size = f.type >= 0 ? f.size : ko ? QR4_KO_SIZE : k.size;
     if (ncols % block) return 4;
     std::vector<float> x(nrows * ncols), im(has_im ? ncols : 0), y(nrows * ncols);
     std::vector<uint8_t> q(nrows * (ncols / block) * size);
@@ -35,6 +37,9 @@ int main(int argc, char **argv) {
             for (int64_t b = 0; b < nb; ++b)
                 qrl_quant_block(&f, xr + b * QRL_QB, imp ? imp + b * QRL_QB : nullptr, sigma2, qr + b * size);
             for (int64_t b = 0; b < nb; ++b) qrl_dequant_block(&f, qr + b * size, y.data() + r * ncols + b * QRL_QB);
+        } else if (ko) {
+            for (int64_t b = 0; b < nb; ++b) qr4ko_quant_block(xr + b * QK_K, imp ? imp + b * QK_K : nullptr, qr + b * size);
+            for (int64_t b = 0; b < nb; ++b) qr4ko_dequant_block(qr + b * size, y.data() + r * ncols + b * QK_K);
         } else {
             for (int64_t b = 0; b < nb; ++b) qrk_quant_block(&k, xr + b * QK_K, imp ? imp + b * QK_K : nullptr, qr + b * size);
             for (int64_t b = 0; b < nb; ++b) qrk_dequant_block(&k, qr + b * size, y.data() + r * ncols + b * QK_K);
