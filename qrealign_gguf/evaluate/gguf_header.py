@@ -20,6 +20,19 @@ class GGUFFormatError(ValueError):
     pass
 
 
+def _block_size(ttype: int) -> tuple[int, int]:
+    """(weights, bytes) per block: gguf-py's table, plus qrealign's custom types (QR4_KO) it does not know."""
+    try:
+        return GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+    except ValueError:
+        from ..formats.types import custom_types
+
+        for q in custom_types():
+            if q.id == ttype:
+                return q.block_size, q.type_size
+        raise
+
+
 def read_gguf_header(path: str | Path, want: tuple[str, ...] = ("tokenizer.chat_template", "general.architecture",
                                                                  "general.alignment", "tokenizer.ggml.tokens")) -> dict:
     """Walk the whole header; returns {"version", "n_tensors", "kv": {key: value for keys in want}} (strings and
@@ -109,7 +122,7 @@ def read_gguf_header(path: str | Path, want: tuple[str, ...] = ("tokenizer.chat_
             ttype, offset = struct.unpack_from("<IQ", m, pos + 4 + 8 * nd)
             pos += 4 + 8 * nd + 12
             try:
-                block, tsize = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+                block, tsize = _block_size(ttype)
             except (ValueError, KeyError):
                 raise GGUFFormatError(f"tensor {name.decode('utf-8', 'replace')} has unknown type {ttype}") from None
             n = 1
