@@ -128,6 +128,13 @@ def test_stock_llama_refuses_and_we_explain(ko_file, llama) -> None:
 
 # ---- the patched llama.cpp -------------------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def patched_ggml(patched):  # noqa: ANN001, ANN201 - (ffi, lib)
+    """The patched libggml-base, opened ONCE per module: a per-test dlopen let the cffi handle be collected
+    (dlclose) and the next dlopen re-ran ggml's static initializers, which aborted the worker (measured)."""
+    return _ggml(patched)
+
+
 def _ggml(build: LlamaBuild):
     from cffi import FFI
 
@@ -151,8 +158,8 @@ def _heavy(rows: int, cols: int, seed: int) -> np.ndarray:
     return (rng.standard_t(2.5, (rows, cols)) * 0.02).astype(np.float32)
 
 
-def test_patched_ggml_traits_and_to_float(patched) -> None:
-    ffi, lib = _ggml(patched)
+def test_patched_ggml_traits_and_to_float(patched_ggml) -> None:
+    ffi, lib = patched_ggml
     tr = lib.ggml_get_type_traits(240)
     assert ffi.string(tr.type_name) == b"qr4_ko" and tr.blck_size == 256 and tr.type_size == 156 and tr.is_quantized
     x = _heavy(8, 1024, 1)
@@ -164,9 +171,9 @@ def test_patched_ggml_traits_and_to_float(patched) -> None:
 
 
 @pytest.mark.parametrize("use_im", [False, True])
-def test_patched_ggml_quantizer_is_byte_identical(patched, use_im: bool) -> None:
+def test_patched_ggml_quantizer_is_byte_identical(patched_ggml, use_im: bool) -> None:
     """ggml_quantize_chunk(QR4_KO) in the patched tree (its own implementation) writes our bytes."""
-    ffi, lib = _ggml(patched)
+    ffi, lib = patched_ggml
     x = _heavy(16, 768, 2)
     x[3] = 0
     x[4, ::5] = 30.0
