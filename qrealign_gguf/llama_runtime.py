@@ -62,26 +62,25 @@ def find_llama(flavour: str = "stock", build: bool = True) -> LlamaBuild:
     return LlamaBuild(Path(res.stdout.strip().splitlines()[-1]), flavour)
 
 
-def build_for(path: str | Path) -> LlamaBuild:
-    """The build that can run this GGUF: the patched flavour for files with qrealign's custom tensor types
-    (built on first use), else the stock one. The patched build runs standard types identically."""
+def _custom_names(path: str | Path) -> list[str]:
+    """qrealign's custom tensor types in this GGUF; [] for none or an unreadable file (the loader reports that)."""
     from .gguf_read import custom_type_names
 
     try:
-        custom = bool(custom_type_names(path))
-    except Exception:  # noqa: BLE001 - unreadable here: let the stock loader give its own error
-        custom = False
-    return find_llama("patched" if custom else "stock")
+        return custom_type_names(path)
+    except Exception:  # noqa: BLE001 - not our business to diagnose a broken file here
+        return []
+
+
+def build_for(path: str | Path) -> LlamaBuild:
+    """The build that can run this GGUF: the patched flavour for files with qrealign's custom tensor types
+    (built on first use), else the stock one. The patched build runs standard types identically."""
+    return find_llama("patched" if _custom_names(path) else "stock")
 
 
 def custom_type_note(path: str | Path) -> str | None:
     """One line for a GGUF file stock llama.cpp cannot load (it holds qrealign's custom tensor types), else None."""
-    from .gguf_read import custom_type_names
-
-    try:
-        names = custom_type_names(path)
-    except Exception:  # noqa: BLE001 - not our business to diagnose a broken file here
-        return None
+    names = _custom_names(path)
     if not names:
         return None
     from .formats.types import qtype

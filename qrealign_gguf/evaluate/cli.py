@@ -14,13 +14,16 @@ import json
 import tempfile
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 from rich.console import Console
 
 from ..errors import InputError
 from ..prompts import Prompt, load_prompts
+
+if TYPE_CHECKING:
+    from ..llama_runtime import LlamaBuild
 
 SETS = ("harmful", "overrefusal", "benign")
 SET_LABEL = {"harmful": 1, "overrefusal": 0, "benign": 0}
@@ -85,16 +88,15 @@ def _names(paths: list[Path]) -> list[str]:
 
 # -- the run ----------------------------------------------------------------------------------------
 def _generate(path: Path, kind: str, prompts: list[str], max_new: int, n_parallel: int, threads: int,
-              template: str = "jinja") -> tuple[list[str], dict]:
+              template: str = "jinja", build: LlamaBuild | None = None) -> tuple[list[str], dict]:
     from ..llama_logits import LlamaCallError
     from .generate import generate_gguf, generate_hf
 
     stats: dict = {}
     try:
         if kind == "gguf":
-            from ..llama_runtime import build_for
             ans = generate_gguf(path, prompts, max_new_tokens=max_new, n_parallel=n_parallel, threads=threads,
-                                template=template, stats=stats, build=build_for(path))
+                                template=template, stats=stats, build=build)
         else:
             ans = generate_hf(path, prompts, max_new_tokens=max_new, batch_size=n_parallel, threads=threads, stats=stats)
     except LlamaCallError as e:
@@ -120,20 +122,21 @@ def _content_key(path: Path) -> str:
 
 
 def _cached_generate(cache_dir: Path | None, path: Path, kind: str, prompts: list[str], max_new: int,
-                     n_parallel: int, threads: int, template: str) -> tuple[list[str], dict]:
+                     n_parallel: int, threads: int, template: str,
+                     build: LlamaBuild | None = None) -> tuple[list[str], dict]:
     """_generate, with answers kept on disk keyed by model content + prompts + decoding settings, so adding one
     variant to an evaluation does not regenerate the others (greedy decoding is deterministic)."""
     import hashlib
     import json
 
     if cache_dir is None:
-        return _generate(path, kind, prompts, max_new, n_parallel, threads, template)
+        return _generate(path, kind, prompts, max_new, n_parallel, threads, template, build)
     key = hashlib.sha256(json.dumps([_content_key(path), prompts, max_new, n_parallel, template]).encode()).hexdigest()
     f = cache_dir / f"{key[:24]}.json"
     if f.is_file():
         hit = json.loads(f.read_text())
         return hit["answers"], hit["stats"]
-    ans, stats = _generate(path, kind, prompts, max_new, n_parallel, threads, template)
+    ans, stats = _generate(path, kind, prompts, max_new, n_parallel, threads, template, build)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = f.with_suffix(".tmp")
     tmp.write_text(json.dumps({"model": str(path), "answers": ans, "stats": stats}))
@@ -169,13 +172,14 @@ def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | Non
     ref_kind = check_model(Path(reference), "--reference") if reference is not None else None
     judge_kind = check_model(Path(judge), "--judge") if judge is not None else None
     sets = {k: load_set(Path(v), k, limit) for k, v in files.items() if v is not None}
+    builds: dict[Path, LlamaBuild] = {}  # the llama.cpp build each GGUF model / reference runs in
     if "gguf" in kinds + [ref_kind, judge_kind]:
         from ..llama_runtime import LlamaNotFound, build_for, find_llama
         try:  # before any long work; files with custom tensor types need (and first build) the patched flavour
             find_llama()
-            for m, k in zip(models, kinds):
+            for m, k in [*zip(models, kinds), (reference, ref_kind)]:
                 if k == "gguf":
-                    build_for(m)
+                    builds[Path(m)] = build_for(m)
         except LlamaNotFound as e:
             raise InputError(str(e).splitlines()[0]) from None
 
@@ -205,7 +209,8 @@ def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | Non
         log.print(f"[{i}/{len(models)}] {name}: generating {len(flat)} answers ({kind}, max {max_new_tokens} tokens)")
         key = Path(m).resolve()
         if key not in cache:
-            ans, stats = _cached_generate(cache_dir, Path(m), kind, flat, max_new_tokens, n_parallel, threads, template)
+            ans, stats = _cached_generate(cache_dir, Path(m), kind, flat, max_new_tokens, n_parallel, threads, template,
+                                          builds.get(Path(m)))
             cache[key] = (split(ans), stats)
         answers[name], stats = cache[key]
         report["variants"].append({"name": name, "path": str(m), "kind": kind,
@@ -218,7 +223,7 @@ def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | Non
         else:
             log.print(f"reference {Path(reference).name}: generating {len(sets['benign'])} benign answers")
             ref_answers = _cached_generate(cache_dir, Path(reference), ref_kind, [p.text for p in sets["benign"]],
-                                           max_new_tokens, n_parallel, threads, template)[0]
+                                           max_new_tokens, n_parallel, threads, template, builds.get(Path(reference)))[0]
     elif reference is None and "benign" in sets:
         report["notes"].append("no --reference: benign agreement (ROUGE-L) and KLD not measured")
 
@@ -269,14 +274,16 @@ def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | Non
     if kld and reference is not None and "benign" in sets and "gguf" not in kinds:
         report["notes"].append("KLD is measured for GGUF variants only (llama-perplexity)")
     if kld and reference is not None and "benign" in sets and "gguf" in kinds:
-        _perplexity(report, Path(reference), ref_kind, sets["benign"], ref_answers or [], models, kinds, threads, log)
+        _perplexity(report, Path(reference), ref_kind, sets["benign"], ref_answers or [], models, kinds, threads, log,
+                    builds)
     elif kld and reference is not None and "benign" not in sets:
         report["notes"].append("KLD needs --benign (the text it is measured on)")
     return report
 
 
 def _perplexity(report: dict, reference: Path, ref_kind: str, benign: list[Prompt], ref_answers: list[str],
-                models: list[Path], kinds: list[str], threads: int, log: Console) -> None:
+                models: list[Path], kinds: list[str], threads: int, log: Console,
+                builds: dict[Path, LlamaBuild]) -> None:
     from ..llama_logits import LlamaCallError, tokenize
     from . import metrics as M
 
@@ -319,8 +326,7 @@ def _perplexity(report: dict, reference: Path, ref_kind: str, benign: list[Promp
                 continue
             log.print(f"KLD: {v['name']}")
             try:
-                from ..llama_runtime import build_for
-                r = M.kld_variant(m, base, n_ctx, threads=threads, build=build_for(m))
+                r = M.kld_variant(m, base, n_ctx, threads=threads, build=builds.get(Path(m)))
                 v.update(ppl=r.ppl, ppl_base=r.ppl_base, kld=r.kld, kld_unc=r.kld_unc)
             except M.PerplexityError as e:
                 v["ppl"] = v["kld"] = None
