@@ -46,9 +46,11 @@ llama-patched: llama
 models: install
 	$(VPY) tools/fetch_model.py smollm2
 
-# compile-only check of the CUDA sources (no GPU needed); skipped with a message when nvcc is missing
+# compile-only check of the CUDA sources (no GPU needed): our codec, and the ggml-cuda kernels of
+# native/llama_patches (~4 min the first time, then remembered per patch set); skipped when nvcc is missing
 cuda-check:
 	@bash tools/cuda_check.sh
+	@PYTHON=$(VPY) bash tools/llama_cuda_check.sh
 
 demo: install llama models
 	$(VPY) tools/demo.py --outtype $(DEMO_TYPE)

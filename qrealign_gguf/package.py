@@ -141,8 +141,10 @@ def build_md(patches: list[str]) -> str:
     return f"""# Building the patched llama.cpp for a device
 
 The custom tensor types need {LLAMA_PIN} with these patches applied (they add the type to ggml: type traits,
-reference quantize/dequantize, CPU dot product, get_rows). The CPU code is portable C, so any target llama.cpp
-builds for runs it (x86-64, ARMv8 phones and boards). There are no GPU kernels for the custom types yet.
+reference quantize/dequantize, CPU dot product, get_rows; CUDA dequantize, get_rows and mat-vec). The CPU code is
+portable C, so any target llama.cpp builds for runs it (x86-64, ARMv8 phones and boards). The CUDA kernels
+(`-DGGML_CUDA=ON`) are compiled in qrealign-gguf's tests but have not been run on a GPU yet; there are no
+Metal/Vulkan kernels (those backends leave the custom type's mat-muls on the CPU).
 
     pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 && tar xzf llama_cpp_python-0.3.36.tar.gz
     cd llama_cpp_python-0.3.36/vendor/llama.cpp

@@ -7,7 +7,9 @@ cores the first time) or QREALIGN_BUILD_PATCHED=1 asks the test run to build it.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from tiny_models import make_tiny_llama
 
 runner = CliRunner()
 T = qtype("QR4_KO")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -314,3 +317,15 @@ def test_eval_runs_custom_type_files_in_the_patched_build(patched, ko_file, tmp_
     rep = run_eval([ko_file], harmful=prompts, max_new_tokens=4, n_parallel=2, kld=False)
     answers = rep["variants"][0]["answers"]["harmful"]
     assert len(answers) == 2 and all(isinstance(a["answer"], str) for a in answers)
+
+
+# ---- the patch's CUDA kernels: compile-only (no GPU on the test machines) ----------------------------
+
+@pytest.mark.skipif(not (shutil.which("nvcc") or Path("/usr/local/cuda/bin/nvcc").exists()), reason="nvcc not found")
+def test_patch_cuda_kernels_compile() -> None:
+    """tools/llama_cuda_check.sh compiles every ggml-cuda file the patches touch (nvcc, sm_80) and requires the
+    QR4_KO instantiations; `make cuda-check` runs it first, so this is usually its remembered pass."""
+    r = subprocess.run(["bash", str(ROOT / "tools" / "llama_cuda_check.sh")], capture_output=True, text=True,
+                       timeout=1800, env={**os.environ, "PYTHON": sys.executable})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "compiled" in r.stdout or "passed before" in r.stdout, r.stdout

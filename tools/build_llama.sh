@@ -29,16 +29,11 @@ if command -v flock >/dev/null; then
   flock 9
   if [ -x "$prefix/bin/llama-completion" ] && [ -f "$prefix/.complete" ]; then echo "$prefix"; exit 0; fi
 fi
-sdist="$CACHE/sdist/llama_cpp_python-$VERSION.tar.gz"
-if [ ! -f "$sdist" ]; then
-  echo "downloading llama-cpp-python==$VERSION sdist (vendored llama.cpp source)" >&2
-  "$PY" -m pip download --quiet --no-deps --no-binary :all: -d "$CACHE/sdist" "llama-cpp-python==$VERSION" >&2
-fi
+. "$ROOT/tools/llama_source.sh"
 src="$CACHE/src/$VERSION-$FLAVOUR-$key"
-rm -rf "$src"; mkdir -p "$src"
-tar xzf "$sdist" -C "$src" --strip-components=1
+# shellcheck disable=SC2086  # $patches: a list of paths without spaces (native/llama_patches/*.patch)
+llama_unpack "$src" $patches
 lsrc="$src/vendor/llama.cpp"
-for p in $patches; do patch -d "$lsrc" -p1 --quiet < "$p"; done
 
 launcher=""
 command -v ccache >/dev/null && launcher="-DCMAKE_C_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_COMPILER_LAUNCHER=ccache"
