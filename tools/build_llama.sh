@@ -10,8 +10,8 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CACHE=${QREALIGN_CACHE:-$HOME/.cache/qrealign-gguf}
 PY=${PYTHON:-python3}
 TARGETS="llama llama-completion llama-perplexity llama-quantize llama-imatrix llama-bench llama-tokenize"
-# the patched flavour (qrealign's custom types) only needs to run files: library, completion, perplexity (KLD), bench
-[ "$FLAVOUR" = patched ] && TARGETS="llama llama-completion llama-perplexity llama-bench"
+# the patched flavour (qrealign's custom types): library, completion, perplexity (KLD), bench, quantize
+[ "$FLAVOUR" = patched ] && TARGETS="llama llama-completion llama-perplexity llama-bench llama-quantize"
 FLAGS="-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_CUDA=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DBUILD_SHARED_LIBS=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF"
 
 patches=""
