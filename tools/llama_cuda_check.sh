@@ -43,6 +43,10 @@ L="$work/src/vendor/llama.cpp"
 start=$(date +%s)
 echo "$files" | xargs -P "$(nproc)" -I{} sh -c \
   "\"$NVCC\" $FLAGS -I$L/ggml/include -I$L/ggml/src -I$L/ggml/src/ggml-cuda -I$inc -c $L/{} -o $work/\$(basename {}).o"
+# the test program the GPU check runs (tools/gpu_check_llama_cuda.sh): a host-compiler syntax check suffices here
+for f in $(cat "${patches[@]}" | sed -n 's|^diff --git a/\(tests/[^ ]*\.cpp\) .*|\1|p' | sort -u); do
+  "${CXX:-c++}" -std=c++17 -fsyntax-only -I"$L/ggml/include" -I"$L/ggml/src" -I"$L/include" -I"$L/common" "$L/$f"
+done
 # each touched kernel file must instantiate QR4_KO code (ggml-cuda.cu only gains supports_op cases)
 for f in $files; do
   [ "$(basename "$f")" = ggml-cuda.cu ] && continue
