@@ -81,6 +81,7 @@ def convert(
     benign_ceiling: Optional[float] = typer.Option(None, "--benign-ceiling", help="REALIGN: probe score benign prompts must stay below (default: per layer, the aligned model's median benign score; 0 = the decision boundary)"),
     probe_kind: str = typer.Option("content", "--probe-kind", help="REALIGN with --aligned: content (the paper's probes: aligned model, harmful vs benign prompts) or contrast (aligned vs this fine-tuned model on harmful prompts: the refusal the fine-tune removed)"),
     checkpoints: Optional[Path] = typer.Option(None, "--checkpoints", help="REALIGN: per-layer checkpoint dir (default <output>.realign-ckpt)"),
+    equalize: bool = typer.Option(False, "--equalize", help="REALIGN: first fold exact per-channel scalings (norm->q/k/v, v->o, norm->gate/up, up->down; llama/qwen2) chosen on the benign prompts"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda: block encoders (and realignment's torch work); auto = CUDA when a GPU and the CUDA codec are available"),
 ) -> None:
     """Convert a Hugging Face model to GGUF; with --aligned or --probes, realign safety while quantizing."""
@@ -101,7 +102,7 @@ def convert(
         if realign:
             from .realign.pipeline import RealignRequest, prepare_realign, run_realign
             req = RealignRequest(model, aligned, probes, harmful, benign, samples, iters, harm_weight, margin,
-                                 checkpoints, device, last_weight, benign_ceiling, probe_kind)
+                                 checkpoints, device, last_weight, benign_ceiling, probe_kind, equalize)
             probe_set = prepare_realign(req, plan, console=err)  # every input checked before the long work
         if calib is not None:
             from .calib import compute_importance

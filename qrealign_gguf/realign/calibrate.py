@@ -52,6 +52,7 @@ class RealignSettings:
     n_harmful: int = 64
     max_tokens: int = 128
     seed: int = 0
+    equalize: bool = False  # fold exact per-channel scalings into the layer first (equalize.py)
 
 
 @dataclass

@@ -3,9 +3,8 @@ layer's linear weights, layer by layer with checkpoints. convert() writes them (
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from ..errors import InputError
 from ..formats import codec
 from ..prompts import load_prompts
 from .calibrate import LayerStats, RealignSettings, Target, propagate, realign_layer
+from . import equalize
 from .capture import capture
 from .checkpoint import Checkpoints, file_digest, fingerprint, model_files_digest
 from .hidden import chat_ids, check_compatible, decoder_layers, model_signature
@@ -68,6 +68,58 @@ def _hard_from_packed(targets: list[Target], packed: dict[str, np.ndarray], cols
     return out
 
 
+EQUALIZE_ARCHS = ("llama", "qwen2")  # their norms and biases go to GGUF unchanged; gemma's are 1 + w
+
+# HF module of a layer -> the GGUF tensor it is written to, for the F32 tensors equalization rescales
+_EQ_EXTRAS = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+              "self_attn.v_proj.bias": "attn_v.bias", "mlp.up_proj.bias": "ffn_up.bias"}
+
+
+def _equalize(layer: torch.nn.Module, i: int, targets: list[Target], xs: list[torch.Tensor], kws: list[dict],
+              n_heads: int, n_kv: int) -> tuple[list[Target], dict[str, np.ndarray], list[equalize.GroupReport]]:
+    """Fold the exact scalings into `layer` (in place), chosen on the benign prompts' inputs xs. Returns the
+    targets with their imatrix moved along, and the rescaled F32 tensors (norms, v/up biases) as GGUF bytes."""
+    why = equalize.supported(layer)
+    if why is not None:
+        raise InputError(f"--equalize: decoder layer {i} has {why}; convert without --equalize")
+
+    def run() -> None:
+        for x, kw in zip(xs, kws):
+            layer(x, **kw)
+
+    enc = {t.module: (t.qtype, t.importance) for t in targets}
+    scales, reports = equalize.choose(layer, run, enc, n_heads, n_kv)
+    equalize.fold(layer, scales, n_heads, n_kv)
+    moved = []
+    for t in targets:
+        cs = equalize.column_scale(t.module, scales, n_heads, n_kv)
+        im = t.importance if t.importance is None or cs is None else (t.importance / cs.astype(np.float64) ** 2).astype(np.float32)
+        moved.append(replace(t, importance=im))
+    extras = {}
+    for hf, gg in _EQ_EXTRAS.items():
+        p = layer.get_parameter(hf) if _has(layer, hf) else None
+        if p is not None:  # llama/qwen2 store these unchanged (equalize runs only where the family transform is identity)
+            extras[f"blk.{i}.{gg}"] = p.detach().float().cpu().numpy().copy()
+    return moved, extras, reports
+
+
+def _has(layer: torch.nn.Module, name: str) -> bool:
+    try:
+        return layer.get_parameter(name) is not None
+    except AttributeError:
+        return False
+
+
+@torch.no_grad()
+def _load_extras(layer: torch.nn.Module, i: int, packed: dict[str, np.ndarray]) -> None:
+    """A resumed layer: put the checkpoint's rescaled norms/biases back so propagation sees the stored layer."""
+    for hf, gg in _EQ_EXTRAS.items():
+        data = packed.get(f"blk.{i}.{gg}")
+        if data is not None:
+            p = layer.get_parameter(hf)
+            p.copy_(torch.from_numpy(np.asarray(data).view(np.float32).reshape(p.shape)))
+
+
 def default_checkpoint_dir(plan) -> Path:  # noqa: ANN001 - convert.Plan
     return Path(plan.output).with_suffix(".realign-ckpt")
 
@@ -75,7 +127,8 @@ def default_checkpoint_dir(plan) -> Path:  # noqa: ANN001 - convert.Plan
 def realign_model(finetuned: str | Path, plan, probes: ProbeSet, settings: RealignSettings,  # noqa: ANN001
                   harmful: str | Path = "builtin:harmful", benign: str | Path = "builtin:benign",
                   importance: dict[str, np.ndarray] | None = None, checkpoint_dir: str | Path | None = None,
-                  report: Report | None = None, device: str = "cpu") -> dict[str, np.ndarray]:
+                  report: Report | None = None, device: str = "cpu",
+                  report_equalize: Callable[[int, list], None] | None = None) -> dict[str, np.ndarray]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     importance = importance or {}
@@ -103,6 +156,9 @@ def realign_model(finetuned: str | Path, plan, probes: ProbeSet, settings: Reali
     cache = capture(model, ids_b + ids_h, _quantized_embedding(plan, importance, device))
     nb = len(ids_b)
     layers = decoder_layers(model)
+    planned = {t.source.name: t.qtype.name for t in plan.tensors}
+    n_heads = int(model.config.num_attention_heads)
+    n_kv = int(getattr(model.config, "num_key_value_heads", None) or n_heads)
     xq = cache.q0
     out: dict[str, np.ndarray] = {}
     for i, layer in enumerate(layers):
@@ -111,11 +167,18 @@ def realign_model(finetuned: str | Path, plan, probes: ProbeSet, settings: Reali
         kw = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in d.items()} for d in cache.kwargs[i]]
         if ckpt.done(i):
             packed, stats_d = ckpt.load(i)
+            _load_extras(layer, i, packed)
             cols = {t.module: layer.get_submodule(t.module).weight.shape[1] for t in targets}
             hard = {k: v.to(device) for k, v in _hard_from_packed(targets, packed, cols).items()}
             stats = LayerStats(**stats_d)
             resumed = True
         else:
+            extras: dict[str, np.ndarray] = {}
+            if settings.equalize:
+                targets, extras, eq_reports = _equalize(layer, i, targets, [x.to(device) for x in xq[:nb]], kw[:nb],
+                                                        n_heads, n_kv)
+                if report_equalize:
+                    report_equalize(i, eq_reports)
             score = (lambda h, i=i: probes.score(i, h)) if i in reliable else None
             margin = settings.margin if settings.margin is not None else float(probes.target[i])
             ceiling = (settings.benign_ceiling if settings.benign_ceiling is not None
@@ -124,6 +187,10 @@ def realign_model(finetuned: str | Path, plan, probes: ProbeSet, settings: Reali
                 layer, targets,
                 ([x.to(device) for x in xq[:nb]], [y.to(device) for y in cache.fp[i + 1][:nb]], kw[:nb]),
                 ([x.to(device) for x in xq[nb:]], kw[nb:]), score, margin, ceiling, settings, i)
+            for name in extras:  # an internal invariant: norms and biases are written as F32
+                if planned.get(name) != "F32":
+                    raise AssertionError(f"{name}: equalization rescaled it but the plan writes it as {planned.get(name)}")
+            packed.update(extras)
             ckpt.save(i, packed, stats)
             resumed = False
         out.update(packed)
@@ -151,12 +218,13 @@ class RealignRequest:
     last_weight: float = 1.0
     benign_ceiling: float | None = None
     probe_kind: str = "content"  # with --aligned: "contrast" fits refusal-state probes against self.finetuned
+    equalize: bool = False
 
     @property
     def settings(self) -> RealignSettings:
         return RealignSettings(iters=self.iters, harm_weight=self.harm_weight, margin=self.margin,
                                last_weight=self.last_weight, benign_ceiling=self.benign_ceiling,
-                               n_benign=self.samples, n_harmful=self.samples)
+                               n_benign=self.samples, n_harmful=self.samples, equalize=self.equalize)
 
 
 def resolve_device(name: str) -> str:
@@ -181,6 +249,9 @@ def prepare_realign(req: RealignRequest, plan, console=None) -> ProbeSet | None:
     if req.probe_kind == "contrast" and req.aligned is None:
         raise InputError("--probe-kind contrast fits probes on --aligned and this model; give --aligned (a probe "
                          "file from `qrealign-gguf probe --contrast` already knows its kind)")
+    if req.equalize and plan.family.arch not in EQUALIZE_ARCHS:
+        raise InputError(f"--equalize supports {', '.join(EQUALIZE_ARCHS)} models (plain RMSNorm weights); this one "
+                         f"is {plan.family.arch}: convert without --equalize")
     if not any(t.qtype.native for t in plan.tensors):
         raise InputError(f"--outtype {plan.outtype} has no quantized blocks to realign; choose e.g. Q8_0 or Q4_K_M")
     mine = model_signature(req.finetuned)
@@ -213,14 +284,21 @@ def run_realign(req: RealignRequest, plan, probes: ProbeSet | None, opts, consol
             console.print(f"layer {i + 1}/{n} [{tag}]: benign rel. error {s.benign_start:.4f}->{s.benign_end:.4f}; {harm}",
                           highlight=False)
 
+    def report_eq(i: int, groups: list[equalize.GroupReport]) -> None:
+        if console:
+            parts = [f"{g.name} {g.error_after / g.error_before:.2f}x" if g.error_before > 0 else f"{g.name} -"
+                     for g in groups]
+            console.print(f"layer {i + 1}: equalized, RTN output error " + ", ".join(parts), highlight=False)
+
     packed = realign_model(req.finetuned, plan, probes, req.settings, req.harmful, req.benign,
                            importance=opts.importance, checkpoint_dir=req.checkpoints, report=report,
-                           device=resolve_device(req.device))
+                           device=resolve_device(req.device), report_equalize=report_eq)
     opts.extra_provenance.update({"realigned": True, "realign_iters": req.iters, "realign_harm_weight": req.harm_weight,
                                   "realign_margin": "aligned" if req.margin is None else req.margin,
                                   "realign_last_weight": req.last_weight,
                                   "realign_benign_ceiling": "aligned" if req.benign_ceiling is None else req.benign_ceiling,
                                   "realign_samples": req.samples,
                                   "realign_probe_kind": probes.meta.get("kind", "content"),
+                                  "realign_equalize": req.equalize,
                                   "realign_probe_layers": ",".join(map(str, probes.reliable))})
     return packed
