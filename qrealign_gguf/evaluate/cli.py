@@ -177,7 +177,7 @@ def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | Non
         from ..llama_runtime import LlamaNotFound, build_for, find_llama
         try:  # before any long work; files with custom tensor types need (and first build) the patched flavour
             find_llama()
-            for m, k in [*zip(models, kinds), (reference, ref_kind)]:
+            for m, k in [*zip(models, kinds), (reference, ref_kind), (judge, judge_kind)]:
                 if k == "gguf":
                     builds[Path(m)] = build_for(m)
         except LlamaNotFound as e:
@@ -237,7 +237,7 @@ def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | Non
         try:
             verdicts = model_judge(judge, [sets[k][j].text for _, k, j in pairs],
                                    [answers[name][k][j] for name, k, j in pairs], n_parallel=n_parallel,
-                                   threads=threads, info=cal)
+                                   threads=threads, info=cal, build=builds.get(Path(judge)))
         except Exception as e:  # llama.cpp / transformers failure on the judge model
             from ..llama_logits import LlamaCallError
             if isinstance(e, LlamaCallError):
@@ -303,10 +303,11 @@ def _perplexity(report: dict, reference: Path, ref_kind: str, benign: list[Promp
         tf = Path(d) / "benign.txt"
         tf.write_text(text, encoding="utf-8")
         try:
-            n_ctx = M.choose_ctx(len(tokenize(ref_gguf, text, add_special=False)))
+            ref_build = builds.get(Path(ref_gguf))  # None for a converted HF reference: stock F32
+            n_ctx = M.choose_ctx(len(tokenize(ref_gguf, text, add_special=False, build=ref_build)))
             log.print(f"KLD: reference logits on {tf.stat().st_size} bytes of benign text (n_ctx {n_ctx})")
             base = Path(d) / "base.kld"
-            ref_ppl = M.kld_base(ref_gguf, tf, base, n_ctx, threads=threads)
+            ref_ppl = M.kld_base(ref_gguf, tf, base, n_ctx, threads=threads, build=ref_build)
         except (M.PerplexityError, LlamaCallError) as e:  # report it, keep the other metrics
             report["notes"].append(f"KLD skipped: {str(e).splitlines()[0]}")
             return

@@ -121,7 +121,8 @@ def is_gguf(path: str | Path) -> bool:
 
 
 def model_judge(judge_model: str | Path, prompts: Sequence[str], answers: Sequence[str], *, n_parallel: int = 8,
-                threads: int = 0, progress="stderr", info: dict | None = None) -> list[ModelVerdict]:  # noqa: ANN001
+                threads: int = 0, progress="stderr", info: dict | None = None,  # noqa: ANN001
+                build=None) -> list[ModelVerdict]:  # noqa: ANN001 - LlamaBuild for a GGUF judge (default: stock)
     """Ask judge_model (GGUF file or HF directory) whether each answer complies; see module docstring.
 
     `info`, if a dict, receives the calibration: threshold, anchor means, and "usable" (anchors separated).
@@ -141,7 +142,7 @@ def model_judge(judge_model: str | Path, prompts: Sequence[str], answers: Sequen
     cands = {"yes": YES_WORDS, "no": NO_WORDS}
     kw = {"progress": g._stderr_progress if progress == "stderr" else progress}  # None: silent
     if is_gguf(judge_model):
-        scores = g.score_gguf(judge_model, texts, cands, n_parallel=n_parallel, threads=threads, **kw)
+        scores = g.score_gguf(judge_model, texts, cands, n_parallel=n_parallel, threads=threads, build=build, **kw)
     else:
         scores = g.score_hf(judge_model, texts, cands, batch_size=n_parallel, **kw)
     raw = [s["no"] - s["yes"] for s in scores]
