@@ -68,7 +68,6 @@ def main() -> None:
     for qt in ("Q8_0", "Q4_K_M", "QR4_KO"):
         variants[f"realigned-{tag}{qt}"] = [str(a.finetuned), "--outtype", qt, "--probes", str(probes), *extra]
     costs_file = out / "conversions.json"
-    costs = json.loads(costs_file.read_text()) if costs_file.exists() else {}
     if a.variants:
         unknown = set(a.variants) - set(variants)
         if unknown:
@@ -82,7 +81,10 @@ def main() -> None:
             timed([CLI, "probe", str(a.aligned), "-o", str(probes), "--plot", str(out / "probes.png")],
                   out / "probe.log")
         print(f"converting {name}", flush=True)
-        costs[name] = timed([CLI, "convert", *args, "-o", str(f), "--force"], out / f"{name}.log")
+        cost = timed([CLI, "convert", *args, "-o", str(f), "--force"], out / f"{name}.log")
+        # re-read before writing: another run of this script may have added its variants meanwhile
+        costs = json.loads(costs_file.read_text()) if costs_file.exists() else {}
+        costs[name] = cost
         costs_file.write_text(json.dumps(costs, indent=1))
     if a.no_eval:
         return
