@@ -100,7 +100,7 @@ def main() -> None:
         cmd += ["--limit", str(a.limit)]
     print("evaluating", flush=True)
     subprocess.run(cmd, check=True)
-    print(json.dumps(costs, indent=1))
+    print(costs_file.read_text() if costs_file.exists() else "{}")
 
 
 if __name__ == "__main__":
