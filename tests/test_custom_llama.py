@@ -373,3 +373,20 @@ def test_patch_cuda_kernels_compile() -> None:
                        timeout=1800, env={**os.environ, "PYTHON": sys.executable})
     assert r.returncode == 0, r.stdout + r.stderr
     assert "compiled" in r.stdout or "passed before" in r.stdout, r.stdout
+
+
+def test_gpu_check_source_bundle_fits_the_device_tool(tmp_path) -> None:
+    """`gpu_check_llama_cuda.sh prepare`: the patched source the device run builds, small enough to carry (the
+    device tool takes 64 MiB of working tree), with every patch applied (test-backend-ops knows qr4_ko)."""
+    import tarfile
+
+    out = tmp_path / "llama-src.tar.gz"
+    r = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check_llama_cuda.sh"), "prepare"], capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "QREALIGN_GPU_SRC": str(out), "PYTHON": sys.executable})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert out.stat().st_size < 40 * 2**20
+    with tarfile.open(out) as t:
+        tbo = t.extractfile("llama.cpp/tests/test-backend-ops.cpp").read().decode()
+        assert "GGML_TYPE_QR4_KO" in tbo
+        assert "vec_dot_qr4_ko_q8_1" in t.extractfile("llama.cpp/ggml/src/ggml-cuda/vecdotq.cuh").read().decode()
+

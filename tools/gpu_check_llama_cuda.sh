@@ -14,7 +14,7 @@ VERSION=0.3.36
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CACHE=${QREALIGN_CACHE:-$HOME/.cache/qrealign-gguf}
 PY=${PYTHON:-python3}
-TARBALL="$ROOT/out/gpu-src/llama-src.tar.gz"
+TARBALL=${QREALIGN_GPU_SRC:-$ROOT/out/gpu-src/llama-src.tar.gz}
 
 case "${1:-}" in
   prepare)
