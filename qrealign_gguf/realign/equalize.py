@@ -197,7 +197,9 @@ def choose(layer: torch.nn.Module, run: Callable[[], None], encoders: dict[str, 
 
     hd_all = stats["self_attn.o_proj"].mean_abs
     vo_mean = hd_all.reshape(n_kv, n_heads // n_kv, -1).mean(1).reshape(-1)  # the o columns sharing a v row
-    same = lambda s: s  # noqa: E731
+    def same(s: np.ndarray) -> np.ndarray:
+        return s
+
     return Scales(
         attn=group("attn_norm->qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                    stats["self_attn.q_proj"], stats["self_attn.q_proj"].mean_abs, same),
