@@ -25,12 +25,10 @@ def _block_size(ttype: int) -> tuple[int, int]:
     try:
         return GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
     except ValueError:
-        from ..formats.types import custom_types
+        from ..formats.types import by_id
 
-        for q in custom_types():
-            if q.id == ttype:
-                return q.block_size, q.type_size
-        raise
+        q = by_id(ttype)  # ValueError for an id neither gguf-py nor qrealign knows
+        return q.block_size, q.type_size
 
 
 def read_gguf_header(path: str | Path, want: tuple[str, ...] = ("tokenizer.chat_template", "general.architecture",

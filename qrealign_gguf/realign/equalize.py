@@ -179,7 +179,7 @@ def choose(layer: torch.nn.Module, run: Callable[[], None], encoders: dict[str, 
     reports: list[GroupReport] = []
 
     def group(name: str, consumers: tuple[str, ...], st: InputStats, mean_abs: np.ndarray,
-              expand: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+              expand: Callable[[np.ndarray], np.ndarray] = lambda s: s) -> np.ndarray:
         mods = [m for m in consumers if m in encoders]
         if not mods:
             return np.ones_like(mean_abs, dtype=np.float32)
@@ -187,7 +187,7 @@ def choose(layer: torch.nn.Module, run: Callable[[], None], encoders: dict[str, 
         enc = rtn_encoder([encoders[m][0] for m in mods], [encoders[m][1] for m in mods])
         best_s, best, base = np.ones_like(mean_abs, dtype=np.float32), None, None
         for a in ALPHAS:
-            s = channel_scales(mean_abs, a) if a else np.ones_like(mean_abs, dtype=np.float32)
+            s = channel_scales(mean_abs, a)  # alpha 0: exactly ones, the identity
             err = group_error(ws, st.gram, expand(s), enc)
             base = err if a == 0 else base
             if best is None or err < best:
@@ -197,15 +197,12 @@ def choose(layer: torch.nn.Module, run: Callable[[], None], encoders: dict[str, 
 
     hd_all = stats["self_attn.o_proj"].mean_abs
     vo_mean = hd_all.reshape(n_kv, n_heads // n_kv, -1).mean(1).reshape(-1)  # the o columns sharing a v row
-    def same(s: np.ndarray) -> np.ndarray:
-        return s
-
     return Scales(
         attn=group("attn_norm->qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                   stats["self_attn.q_proj"], stats["self_attn.q_proj"].mean_abs, same),
+                   stats["self_attn.q_proj"], stats["self_attn.q_proj"].mean_abs),
         vo=group("v->o", ("self_attn.o_proj",), stats["self_attn.o_proj"], vo_mean,
                  lambda s: o_columns(s, n_heads, n_kv)),
         ffn=group("ffn_norm->gate/up", ("mlp.gate_proj", "mlp.up_proj"), stats["mlp.gate_proj"],
-                  stats["mlp.gate_proj"].mean_abs, same),
-        ud=group("up->down", ("mlp.down_proj",), stats["mlp.down_proj"], stats["mlp.down_proj"].mean_abs, same),
+                  stats["mlp.gate_proj"].mean_abs),
+        ud=group("up->down", ("mlp.down_proj",), stats["mlp.down_proj"], stats["mlp.down_proj"].mean_abs),
     ), reports

@@ -97,17 +97,17 @@ def _equalize(layer: torch.nn.Module, i: int, targets: list[Target], xs: list[to
         moved.append(replace(t, importance=im))
     extras = {}
     for hf, gg in _EQ_EXTRAS.items():
-        p = layer.get_parameter(hf) if _has(layer, hf) else None
+        p = _param(layer, hf)
         if p is not None:  # llama/qwen2 store these unchanged (equalize runs only where the family transform is identity)
             extras[f"blk.{i}.{gg}"] = p.detach().float().cpu().numpy().copy()
     return moved, extras, reports
 
 
-def _has(layer: torch.nn.Module, name: str) -> bool:
+def _param(layer: torch.nn.Module, name: str) -> torch.nn.Parameter | None:
     try:
-        return layer.get_parameter(name) is not None
-    except AttributeError:
-        return False
+        return layer.get_parameter(name)
+    except AttributeError:  # e.g. no v bias in llama
+        return None
 
 
 @torch.no_grad()
@@ -174,9 +174,9 @@ def realign_model(finetuned: str | Path, plan, probes: ProbeSet, settings: Reali
             resumed = True
         else:
             extras: dict[str, np.ndarray] = {}
+            xb = [x.to(device) for x in xq[:nb]]
             if settings.equalize:
-                targets, extras, eq_reports = _equalize(layer, i, targets, [x.to(device) for x in xq[:nb]], kw[:nb],
-                                                        n_heads, n_kv)
+                targets, extras, eq_reports = _equalize(layer, i, targets, xb, kw[:nb], n_heads, n_kv)
                 if report_equalize:
                     report_equalize(i, eq_reports)
             score = (lambda h, i=i: probes.score(i, h)) if i in reliable else None
@@ -185,7 +185,7 @@ def realign_model(finetuned: str | Path, plan, probes: ProbeSet, settings: Reali
                        else -settings.margin if settings.margin is not None else float(probes.target_benign[i]))
             packed, hard, stats = realign_layer(
                 layer, targets,
-                ([x.to(device) for x in xq[:nb]], [y.to(device) for y in cache.fp[i + 1][:nb]], kw[:nb]),
+                (xb, [y.to(device) for y in cache.fp[i + 1][:nb]], kw[:nb]),
                 ([x.to(device) for x in xq[nb:]], kw[nb:]), score, margin, ceiling, settings, i)
             for name in extras:  # an internal invariant: norms and biases are written as F32
                 if planned.get(name) != "F32":
