@@ -94,6 +94,25 @@ def test_resume_gives_the_same_file(tiny, planted, tmp_path):
     assert np.isfinite(logits(out, [1, 2, 3, 4])).all()
 
 
+def test_margin_offset_moves_every_layers_target(tiny, planted, tmp_path, monkeypatch):
+    """--margin-offset adds to each layer's aligned target; the benign ceiling is untouched."""
+    from qrealign_gguf.realign import pipeline
+
+    probes, _ = planted
+    seen: list[tuple[float, float]] = []
+    real = pipeline.realign_layer
+
+    def spy(layer, targets, benign, harmful, score, margin, ceiling, s, i):
+        seen.append((margin, ceiling))
+        return real(layer, targets, benign, harmful, score, margin, ceiling, s, i)
+
+    monkeypatch.setattr(pipeline, "realign_layer", spy)
+    plan = make_plan(tiny, tmp_path / "o.gguf", ConvertOptions(outtype="Q4_0"))
+    settings = RealignSettings(**{**SETTINGS, "iters": 0}, margin_offset=1.5)
+    realign_model(tiny, plan, probes, settings, checkpoint_dir=tmp_path / "ckpt")
+    assert seen == [(float(probes.target[i]) + 1.5, float(probes.target_benign[i])) for i in range(probes.n_layers)]
+
+
 runner = CliRunner()
 
 

@@ -18,7 +18,7 @@ last token alone (last_weight) is too weak a brake at benign errors of ~1e-3, so
 hinge in probe space: the change has to separate harmful from benign, as the aligned model does.
 
 t_l / u_l are the median probe scores of the aligned model's own harmful / benign prompts at layer l
-(ProbeSet.target / target_benign); a fixed --margin m sets t_l = m, u_l = -m. layer_q runs the layer with every linear weight replaced by simulate.fake_quant:
+(ProbeSet.target / target_benign); a fixed --margin m sets t_l = m, u_l = -m; --margin-offset adds to t_l. layer_q runs the layer with every linear weight replaced by simulate.fake_quant:
 the exact value the GGUF block format will store, differentiable in per-weight rounding offsets and
 per-block scale/min changes (the role of learnable weight clipping). Adam on those, then export + pack
 gives the bytes to write. Prompts of one kind run as one right-padded batch (see Padded).
@@ -46,6 +46,7 @@ class RealignSettings:
     lr: float = 5e-3  # rounding offsets, in code units (scale multipliers get lr/10)
     harm_weight: float = 1.0
     margin: float | None = None  # probe logit harmful states should exceed; None: the aligned model's own (per layer)
+    margin_offset: float = 0.0  # added to that target: push past the aligned median, where the hinge would stop
     last_weight: float = 1.0  # benign last-token reconstruction, relative to the whole-sequence term
     benign_ceiling: float | None = None  # probe score benign prompts must stay below; None: the aligned benign median
     n_benign: int = 64

@@ -180,7 +180,7 @@ def realign_model(finetuned: str | Path, plan, probes: ProbeSet, settings: Reali
                 if report_equalize:
                     report_equalize(i, eq_reports)
             score = (lambda h, i=i: probes.score(i, h)) if i in reliable else None
-            margin = settings.margin if settings.margin is not None else float(probes.target[i])
+            margin = (settings.margin if settings.margin is not None else float(probes.target[i])) + settings.margin_offset
             ceiling = (settings.benign_ceiling if settings.benign_ceiling is not None
                        else -settings.margin if settings.margin is not None else float(probes.target_benign[i]))
             packed, hard, stats = realign_layer(
@@ -219,12 +219,14 @@ class RealignRequest:
     benign_ceiling: float | None = None
     probe_kind: str = "content"  # with --aligned: "contrast" fits refusal-state probes against self.finetuned
     equalize: bool = False
+    margin_offset: float = 0.0
 
     @property
     def settings(self) -> RealignSettings:
         return RealignSettings(iters=self.iters, harm_weight=self.harm_weight, margin=self.margin,
                                last_weight=self.last_weight, benign_ceiling=self.benign_ceiling,
-                               n_benign=self.samples, n_harmful=self.samples, equalize=self.equalize)
+                               n_benign=self.samples, n_harmful=self.samples, equalize=self.equalize,
+                               margin_offset=self.margin_offset)
 
 
 def resolve_device(name: str) -> str:
@@ -295,6 +297,7 @@ def run_realign(req: RealignRequest, plan, probes: ProbeSet | None, opts, consol
                            device=resolve_device(req.device), report_equalize=report_eq)
     opts.extra_provenance.update({"realigned": True, "realign_iters": req.iters, "realign_harm_weight": req.harm_weight,
                                   "realign_margin": "aligned" if req.margin is None else req.margin,
+                                  "realign_margin_offset": req.margin_offset,
                                   "realign_last_weight": req.last_weight,
                                   "realign_benign_ceiling": "aligned" if req.benign_ceiling is None else req.benign_ceiling,
                                   "realign_samples": req.samples,
