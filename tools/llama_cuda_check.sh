@@ -9,6 +9,7 @@ VERSION=0.3.36
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CACHE=${QREALIGN_CACHE:-$HOME/.cache/qrealign-gguf}
 PY=${PYTHON:-python3}
+case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac  # used after a cd below
 CUBLAS_WHEEL="nvidia-cublas==13.1.1.3"  # headers only; pinned so the check is reproducible
 NVCC=${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
 if [ ! -x "$NVCC" ]; then echo "llama-cuda-check: skipped: nvcc not found"; exit 0; fi
