@@ -129,7 +129,7 @@ def _mix_type(mix: str, base: str, cat: str, name: str, cols: int, n_layer: int,
     return base
 
 
-def _fallback(t: str, cols: int) -> str:
+def shape_fallback(t: str, cols: int) -> str:
     """Demote a type whose block does not divide the row length (then F16 if even that fails)."""
     if cols % qtype(t).block_size == 0:
         return t
@@ -154,5 +154,5 @@ def plan_types(outtype: str, tensors: list[PlanInput], n_layer: int, n_head: int
             continue
         chosen = base if pure else _mix_type(mix, base, _category(t.name), t.name, t.shape[-1], n_layer,
                                              n_gqa, tied, has_imatrix)
-        out[t.name] = qtype(_fallback(chosen, t.shape[-1]))
+        out[t.name] = qtype(shape_fallback(chosen, t.shape[-1]))
     return out

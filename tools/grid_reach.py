@@ -2,7 +2,7 @@
 
 Realignment only chooses among a format's codes, so its reach in weight space is about one code step per weight.
 This prints, for a few layers' q/v/down projections, RMS(fine-tuned - aligned) divided by the RMS error of plain
-round-to-nearest in each format (Q4_K where the row length allows it, else Q5_0, as in the Q4_K_M mix), and the
+round-to-nearest in each format (Q4_K, or its shape fallback Q5_0 where the row length does not allow it), and the
 ratio of the two formats' errors (= ratio of their code steps):
 
     .venv/bin/python tools/grid_reach.py --aligned $T/aligned-offgrid --finetuned $T/finetuned
@@ -16,6 +16,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from qrealign_gguf.formats import codec
+from qrealign_gguf.plan import shape_fallback
 
 
 def rms(x: np.ndarray) -> float:
@@ -41,7 +42,7 @@ def main() -> None:
             k = f"model.layers.{layer}.{m}.weight"
             w = ft[k].astype(np.float32)
             delta = rms(w - al[k].astype(np.float32))
-            low = "Q4_K" if w.shape[1] % 256 == 0 else "Q5_0"
+            low = shape_fallback("Q4_K", w.shape[1])
             e8, elow = rtn_error(w, "Q8_0"), rtn_error(w, low)
             print(f"{layer:5d} {m:19s} {low:6s} {delta / e8:15.2f} {delta / elow:15.2f} {elow / e8:19.1f}")
 
