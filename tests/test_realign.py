@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from qrealign_gguf.cli import app
+from qrealign_gguf.errors import InputError
 from qrealign_gguf.convert import ConvertOptions, convert, make_plan
 from qrealign_gguf.realign.calibrate import RealignSettings
 from qrealign_gguf.realign.pipeline import realign_model
@@ -113,6 +114,38 @@ def test_margin_offset_moves_every_layers_target(tiny, planted, tmp_path, monkey
     assert seen == [(float(probes.target[i]) + 1.5, float(probes.target_benign[i])) for i in range(probes.n_layers)]
 
 
+def test_probe_layers_limit_the_probe_term(tiny, planted, tmp_path, monkeypatch):
+    """--probe-layers: layers outside the spec are calibrated for reconstruction only (no probe score)."""
+    from qrealign_gguf.realign import pipeline
+
+    probes, _ = planted
+    probed: list[bool] = []
+    real = pipeline.realign_layer
+
+    def spy(layer, targets, benign, harmful, score, margin, ceiling, s, i):
+        probed.append(score is not None)
+        return real(layer, targets, benign, harmful, score, margin, ceiling, s, i)
+
+    monkeypatch.setattr(pipeline, "realign_layer", spy)
+    plan = make_plan(tiny, tmp_path / "o.gguf", ConvertOptions(outtype="Q4_0"))
+    n = probes.n_layers
+    settings = RealignSettings(**{**SETTINGS, "iters": 0}, probe_layers=f"{n - 1}-")
+    realign_model(tiny, plan, probes, settings, checkpoint_dir=tmp_path / "ckpt")
+    assert probed == [i == n - 1 and i in probes.reliable for i in range(n)]
+
+
+def test_parse_layers():
+    from qrealign_gguf.realign.pipeline import parse_layers
+
+    assert parse_layers(None, 4) == {0, 1, 2, 3}
+    assert parse_layers("2-", 6) == {2, 3, 4, 5}
+    assert parse_layers("0, 3-4", 6) == {0, 3, 4}
+    assert parse_layers("1-99", 3) == {1, 2}
+    for bad in ("x", "3-1", "7", "-2", ""):
+        with pytest.raises(InputError, match="--probe-layers"):
+            parse_layers(bad, 6)
+
+
 runner = CliRunner()
 
 
@@ -152,6 +185,7 @@ def test_bad_realign_inputs(tiny, planted, tmp_path):
            "no quantized blocks")
     _fails(base + ["--probes", str(probe_file), "--probe-kind", "contrast"], "give --aligned")
     _fails(base + ["--aligned", str(tiny), "--probe-kind", "refusal"], "use content or contrast")
+    _fails(base + ["--probes", str(probe_file), "--probe-layers", "9-"], "not a range inside layers")
     assert not (tmp_path / "o.gguf").exists()
 
 

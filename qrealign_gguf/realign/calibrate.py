@@ -47,6 +47,7 @@ class RealignSettings:
     harm_weight: float = 1.0
     margin: float | None = None  # probe logit harmful states should exceed; None: the aligned model's own (per layer)
     margin_offset: float = 0.0  # added to that target: push past the aligned median, where the hinge would stop
+    probe_layers: str | None = None  # layers that get the probe term, e.g. "3-" (pipeline.parse_layers); None: all
     last_weight: float = 1.0  # benign last-token reconstruction, relative to the whole-sequence term
     benign_ceiling: float | None = None  # probe score benign prompts must stay below; None: the aligned benign median
     n_benign: int = 64

@@ -120,6 +120,23 @@ def _load_extras(layer: torch.nn.Module, i: int, packed: dict[str, np.ndarray]) 
             p.copy_(torch.from_numpy(np.asarray(data).view(np.float32).reshape(p.shape)))
 
 
+def parse_layers(spec: str | None, n_layers: int) -> frozenset[int]:
+    """--probe-layers: comma-separated layers and ranges, "3-" open-ended ("0,2,5-7", "4-"); None = all."""
+    if spec is None:
+        return frozenset(range(n_layers))
+    out: set[int] = set()
+    for part in spec.replace(" ", "").split(","):
+        m = re.fullmatch(r"(\d+)(-(\d*))?", part)
+        if m is None:
+            raise InputError(f"--probe-layers {spec!r}: use layer numbers and ranges, e.g. 3- or 0,2,4-6")
+        lo = int(m.group(1))
+        hi = lo if m.group(2) is None else (int(m.group(3)) if m.group(3) else n_layers - 1)
+        if lo >= n_layers or hi < lo:
+            raise InputError(f"--probe-layers {spec!r}: {part} is not a range inside layers 0-{n_layers - 1}")
+        out.update(range(lo, min(hi, n_layers - 1) + 1))
+    return frozenset(out)
+
+
 def default_checkpoint_dir(plan) -> Path:  # noqa: ANN001 - convert.Plan
     return Path(plan.output).with_suffix(".realign-ckpt")
 
@@ -139,6 +156,10 @@ def realign_model(finetuned: str | Path, plan, probes: ProbeSet, settings: Reali
     if not reliable:
         raise InputError("no probe layer is reliable (held-out accuracy below the threshold); refit the probes "
                          "with more prompts or a lower --min-acc")
+    probed = reliable & parse_layers(settings.probe_layers, probes.n_layers)
+    if not probed:
+        raise InputError(f"--probe-layers {settings.probe_layers}: none of these layers has a reliable probe "
+                         f"(reliable: {sorted(reliable)})")
 
     fp = fingerprint({"version": __version__, "model": model_files_digest(finetuned),
                       "probes": [probes.w.sum().item(), probes.b.tolist(), probes.target.tolist(),
@@ -179,7 +200,7 @@ def realign_model(finetuned: str | Path, plan, probes: ProbeSet, settings: Reali
                 targets, extras, eq_reports = _equalize(layer, i, targets, xb, kw[:nb], n_heads, n_kv)
                 if report_equalize:
                     report_equalize(i, eq_reports)
-            score = (lambda h, i=i: probes.score(i, h)) if i in reliable else None
+            score = (lambda h, i=i: probes.score(i, h)) if i in probed else None
             margin = (settings.margin if settings.margin is not None else float(probes.target[i])) + settings.margin_offset
             ceiling = (settings.benign_ceiling if settings.benign_ceiling is not None
                        else -settings.margin if settings.margin is not None else float(probes.target_benign[i]))
@@ -220,13 +241,14 @@ class RealignRequest:
     probe_kind: str = "content"  # with --aligned: "contrast" fits refusal-state probes against self.finetuned
     equalize: bool = False
     margin_offset: float = 0.0
+    probe_layers: str | None = None  # e.g. "3-": the probe term only there (the rest: reconstruction only)
 
     @property
     def settings(self) -> RealignSettings:
         return RealignSettings(iters=self.iters, harm_weight=self.harm_weight, margin=self.margin,
                                last_weight=self.last_weight, benign_ceiling=self.benign_ceiling,
                                n_benign=self.samples, n_harmful=self.samples, equalize=self.equalize,
-                               margin_offset=self.margin_offset)
+                               margin_offset=self.margin_offset, probe_layers=self.probe_layers)
 
 
 def resolve_device(name: str) -> str:
@@ -257,6 +279,7 @@ def prepare_realign(req: RealignRequest, plan, console=None) -> ProbeSet | None:
     if not any(t.qtype.native for t in plan.tensors):
         raise InputError(f"--outtype {plan.outtype} has no quantized blocks to realign; choose e.g. Q8_0 or Q4_K_M")
     mine = model_signature(req.finetuned)
+    parse_layers(req.probe_layers, int(mine["num_hidden_layers"]))
     load_prompts(req.harmful, expect_label=1)  # whole files: a bad line 400 must not surface hours later
     load_prompts(req.benign, expect_label=0)
     if req.aligned is not None:
@@ -282,7 +305,7 @@ def run_realign(req: RealignRequest, plan, probes: ProbeSet | None, opts, consol
             tag = "checkpoint" if resumed else f"{s.seconds:.0f}s"
             harm = (f"probe loss {s.harm_start:.3f}->{s.harm_end:.3f}, on the harmful side: harmful "
                     f"{s.harmful_side_start:.0%}->{s.harmful_side_end:.0%}, benign {s.benign_side_start:.0%}->"
-                    f"{s.benign_side_end:.0%}") if s.probed else "no reliable probe"
+                    f"{s.benign_side_end:.0%}") if s.probed else "no probe term (unreliable or not in --probe-layers)"
             console.print(f"layer {i + 1}/{n} [{tag}]: benign rel. error {s.benign_start:.4f}->{s.benign_end:.4f}; {harm}",
                           highlight=False)
 
@@ -303,5 +326,6 @@ def run_realign(req: RealignRequest, plan, probes: ProbeSet | None, opts, consol
                                   "realign_samples": req.samples,
                                   "realign_probe_kind": probes.meta.get("kind", "content"),
                                   "realign_equalize": req.equalize,
-                                  "realign_probe_layers": ",".join(map(str, probes.reliable))})
+                                  "realign_probe_layers": ",".join(map(str, sorted(
+                                      set(probes.reliable) & parse_layers(req.probe_layers, probes.n_layers))))})
     return packed
