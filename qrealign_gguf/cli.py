@@ -78,7 +78,7 @@ def convert(
     harm_weight: float = typer.Option(1.0, "--harm-weight", help="REALIGN: weight of the probe term against benign reconstruction"),
     margin: Optional[float] = typer.Option(None, "--margin", help="REALIGN: probe logit harmful last-token states must exceed (default: per layer, the aligned model's median harmful score)"),
     margin_offset: float = typer.Option(0.0, "--margin-offset", help="REALIGN: added to every layer's harmful target score (push harmful prompts past the aligned median)"),
-    probe_layers: Optional[str] = typer.Option(None, "--probe-layers", help="REALIGN: layers that get the probe term, e.g. 3- or 0,4-9 (default: every reliable layer; the others are only reconstructed)"),
+    probe_layers: Optional[str] = typer.Option(None, "--probe-layers", help="REALIGN: layers that get the probe term, 0-based as in blk.N, e.g. 3- or 0,4-9 (default: every reliable layer; the others are only reconstructed)"),
     last_weight: float = typer.Option(1.0, "--benign-last-weight", help="REALIGN: extra weight of the benign prompts' last-token reconstruction (keeps safe prompts off the refusal side)"),
     benign_ceiling: Optional[float] = typer.Option(None, "--benign-ceiling", help="REALIGN: probe score benign prompts must stay below (default: per layer, the aligned model's median benign score; 0 = the decision boundary)"),
     probe_kind: str = typer.Option("content", "--probe-kind", help="REALIGN with --aligned: content (the paper's probes: aligned model, harmful vs benign prompts) or contrast (aligned vs this fine-tuned model on harmful prompts: the refusal the fine-tune removed)"),

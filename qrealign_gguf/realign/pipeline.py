@@ -137,6 +137,19 @@ def parse_layers(spec: str | None, n_layers: int) -> frozenset[int]:
     return frozenset(out)
 
 
+def probed_layers(probes: ProbeSet, spec: str | None) -> frozenset[int]:
+    """The layers that get the probe term: reliable and selected by --probe-layers."""
+    reliable = frozenset(probes.reliable)
+    if not reliable:
+        raise InputError("no probe layer is reliable (held-out accuracy below the threshold); refit the probes "
+                         "with more prompts or a lower --min-acc")
+    probed = reliable & parse_layers(spec, probes.n_layers)
+    if not probed:
+        raise InputError(f"--probe-layers {spec}: none of these layers has a reliable probe "
+                         f"(reliable: {sorted(reliable)})")
+    return probed
+
+
 def default_checkpoint_dir(plan) -> Path:  # noqa: ANN001 - convert.Plan
     return Path(plan.output).with_suffix(".realign-ckpt")
 
@@ -152,18 +165,11 @@ def realign_model(finetuned: str | Path, plan, probes: ProbeSet, settings: Reali
     check_compatible(probes.meta, model_signature(finetuned), "the probes' model", str(finetuned))
     harm = load_prompts(harmful, limit=settings.n_harmful, expect_label=1)
     ben = load_prompts(benign, limit=settings.n_benign, expect_label=0)
-    reliable = set(probes.reliable)
-    if not reliable:
-        raise InputError("no probe layer is reliable (held-out accuracy below the threshold); refit the probes "
-                         "with more prompts or a lower --min-acc")
-    probed = reliable & parse_layers(settings.probe_layers, probes.n_layers)
-    if not probed:
-        raise InputError(f"--probe-layers {settings.probe_layers}: none of these layers has a reliable probe "
-                         f"(reliable: {sorted(reliable)})")
+    probed = probed_layers(probes, settings.probe_layers)
 
     fp = fingerprint({"version": __version__, "model": model_files_digest(finetuned),
                       "probes": [probes.w.sum().item(), probes.b.tolist(), probes.target.tolist(),
-                                 probes.target_benign.tolist(), sorted(reliable)],
+                                 probes.target_benign.tolist(), sorted(set(probes.reliable))],
                       "harmful": [p.text for p in harm], "benign": [p.text for p in ben],
                       "settings": asdict(settings), "types": {t.source.name: t.qtype.name for t in plan.tensors},
                       "importance": sorted(importance)})
@@ -326,6 +332,5 @@ def run_realign(req: RealignRequest, plan, probes: ProbeSet | None, opts, consol
                                   "realign_samples": req.samples,
                                   "realign_probe_kind": probes.meta.get("kind", "content"),
                                   "realign_equalize": req.equalize,
-                                  "realign_probe_layers": ",".join(map(str, sorted(
-                                      set(probes.reliable) & parse_layers(req.probe_layers, probes.n_layers))))})
+                                  "realign_probe_layers": ",".join(map(str, sorted(probed_layers(probes, req.probe_layers))))})
     return packed
