@@ -75,6 +75,7 @@ def convert(
     benign: str = typer.Option("builtin:benign", "--benign", help="REALIGN: benign calibration prompts (.jsonl)"),
     samples: int = typer.Option(64, "--realign-samples", help="REALIGN: prompts of each kind used for calibration"),
     iters: int = typer.Option(40, "--realign-iters", help="REALIGN: optimizer steps per layer"),
+    lr: float = typer.Option(5e-3, "--realign-lr", help="REALIGN: Adam step for the rounding offsets, in code units (scale multipliers get a tenth); the offsets can move about iters*lr/2 in all"),
     harm_weight: float = typer.Option(1.0, "--harm-weight", help="REALIGN: weight of the probe term against benign reconstruction"),
     margin: Optional[float] = typer.Option(None, "--margin", help="REALIGN: probe logit harmful last-token states must exceed (default: per layer, the aligned model's median harmful score)"),
     margin_offset: float = typer.Option(0.0, "--margin-offset", help="REALIGN: added to every layer's harmful target score (push harmful prompts past the aligned median)"),
@@ -105,7 +106,7 @@ def convert(
             from .realign.pipeline import RealignRequest, prepare_realign, run_realign
             req = RealignRequest(model, aligned, probes, harmful, benign, samples, iters, harm_weight, margin,
                                  checkpoints, device, last_weight, benign_ceiling, probe_kind, equalize,
-                                 margin_offset, probe_layers)
+                                 margin_offset, probe_layers, lr)
             probe_set = prepare_realign(req, plan, console=err)  # every input checked before the long work
         if calib is not None:
             from .calib import compute_importance

@@ -186,6 +186,7 @@ def test_bad_realign_inputs(tiny, planted, tmp_path):
     _fails(base + ["--probes", str(probe_file), "--probe-kind", "contrast"], "give --aligned")
     _fails(base + ["--aligned", str(tiny), "--probe-kind", "refusal"], "use content or contrast")
     _fails(base + ["--probes", str(probe_file), "--probe-layers", "9-"], "not a range inside layers")
+    _fails(base + ["--probes", str(probe_file), "--realign-lr", "0"], "--realign-lr 0.0 is out of range")
     assert not (tmp_path / "o.gguf").exists()
 
 

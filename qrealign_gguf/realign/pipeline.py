@@ -248,13 +248,14 @@ class RealignRequest:
     equalize: bool = False
     margin_offset: float = 0.0
     probe_layers: str | None = None  # e.g. "3-": the probe term only there (the rest: reconstruction only)
+    lr: float = 5e-3  # rounding-offset step (code units); scale multipliers get lr/10
 
     @property
     def settings(self) -> RealignSettings:
         return RealignSettings(iters=self.iters, harm_weight=self.harm_weight, margin=self.margin,
                                last_weight=self.last_weight, benign_ceiling=self.benign_ceiling,
                                n_benign=self.samples, n_harmful=self.samples, equalize=self.equalize,
-                               margin_offset=self.margin_offset, probe_layers=self.probe_layers)
+                               margin_offset=self.margin_offset, probe_layers=self.probe_layers, lr=self.lr)
 
 
 def resolve_device(name: str) -> str:
@@ -273,6 +274,8 @@ def prepare_realign(req: RealignRequest, plan, console=None) -> ProbeSet | None:
         raise InputError("give either --aligned or --probes, not both")
     if req.samples < 2 or req.iters < 0:
         raise InputError("--realign-samples must be >= 2 and --realign-iters >= 0")
+    if not 0 < req.lr <= 0.5:
+        raise InputError(f"--realign-lr {req.lr} is out of range: give a step in code units in (0, 0.5], e.g. 5e-3")
     resolve_device(req.device)
     if req.probe_kind not in ("content", "contrast"):
         raise InputError(f"--probe-kind {req.probe_kind!r}: use content or contrast")
@@ -324,7 +327,8 @@ def run_realign(req: RealignRequest, plan, probes: ProbeSet | None, opts, consol
     packed = realign_model(req.finetuned, plan, probes, req.settings, req.harmful, req.benign,
                            importance=opts.importance, checkpoint_dir=req.checkpoints, report=report,
                            device=resolve_device(req.device), report_equalize=report_eq)
-    opts.extra_provenance.update({"realigned": True, "realign_iters": req.iters, "realign_harm_weight": req.harm_weight,
+    opts.extra_provenance.update({"realigned": True, "realign_iters": req.iters, "realign_lr": req.lr,
+                                  "realign_harm_weight": req.harm_weight,
                                   "realign_margin": "aligned" if req.margin is None else req.margin,
                                   "realign_margin_offset": req.margin_offset,
                                   "realign_last_weight": req.last_weight,
