@@ -3,7 +3,7 @@
     .venv/bin/python tools/realign_experiment.py --aligned A_DIR --finetuned F_DIR --out DIR [--probes P]
 
 Variants: aligned F16, fine-tuned F16, fine-tuned RTN Q8_0 / Q4_K_M / Q5_K_M / QR4_KO (custom type), fine-tuned
-imatrix Q4_K_M, realigned Q8_0 / Q4_K_M / QR4_KO (--tag names them, one per --realign-args setting). Each conversion's wall time and peak RSS are measured as a separate process; evaluation uses
+imatrix Q4_K_M, realigned Q8_0 / Q4_K_M / Q5_K_M / QR4_KO (--tag names them, one per --realign-args setting). Each conversion's wall time and peak RSS are measured as a separate process; evaluation uses
 dev_harmful / dev_overrefusal / dev_benign (never seen by probes or calibration), the fine-tuned F16 file as
 helpfulness and KLD reference and the aligned F16 file as the second refusal judge. Results go to
 DIR/results.json and a markdown table on stdout. Finished steps are reused when rerun.
@@ -65,7 +65,7 @@ def main() -> None:
         "finetuned-RTN-QR4_KO": [str(a.finetuned), "--outtype", "QR4_KO"],  # custom type: patched llama.cpp
     }
     tag = f"{a.tag}-" if a.tag else ""
-    for qt in ("Q8_0", "Q4_K_M", "QR4_KO"):
+    for qt in ("Q8_0", "Q4_K_M", "Q5_K_M", "QR4_KO"):
         variants[f"realigned-{tag}{qt}"] = [str(a.finetuned), "--outtype", qt, "--probes", str(probes), *extra]
     costs_file = out / "conversions.json"
     if a.variants:
