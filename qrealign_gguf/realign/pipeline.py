@@ -315,14 +315,14 @@ def run_realign(req: RealignRequest, plan, probes: ProbeSet | None, opts, consol
             harm = (f"probe loss {s.harm_start:.3f}->{s.harm_end:.3f}, on the harmful side: harmful "
                     f"{s.harmful_side_start:.0%}->{s.harmful_side_end:.0%}, benign {s.benign_side_start:.0%}->"
                     f"{s.benign_side_end:.0%}") if s.probed else "no probe term (unreliable or not in --probe-layers)"
-            console.print(f"layer {i + 1}/{n} [{tag}]: benign rel. error {s.benign_start:.4f}->{s.benign_end:.4f}; {harm}",
+            console.print(f"blk.{i} ({i + 1}/{n}) [{tag}]: benign rel. error {s.benign_start:.4f}->{s.benign_end:.4f}; {harm}",
                           highlight=False)
 
     def report_eq(i: int, groups: list[equalize.GroupReport]) -> None:
         if console:
             parts = [f"{g.name} {g.error_after / g.error_before:.2f}x" if g.error_before > 0 else f"{g.name} -"
                      for g in groups]
-            console.print(f"layer {i + 1}: equalized, RTN output error " + ", ".join(parts), highlight=False)
+            console.print(f"blk.{i}: equalized, RTN output error " + ", ".join(parts), highlight=False)
 
     packed = realign_model(req.finetuned, plan, probes, req.settings, req.harmful, req.benign,
                            importance=opts.importance, checkpoint_dir=req.checkpoints, report=report,
