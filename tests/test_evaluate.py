@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from qrealign_gguf.cli import app
 from qrealign_gguf.evaluate.judge import agreement, keyword_judge, keyword_refusal
-from qrealign_gguf.evaluate.metrics import choose_ctx, parse_perplexity_output, rouge_l, token_f1
+from qrealign_gguf.evaluate.metrics import (choose_ctx, chunk_klds, paired_delta, parse_perplexity_output, rouge_l,
+                                            token_f1)
 from tiny_models import make_tiny_llama
 
 runner = CliRunner()
@@ -100,6 +101,22 @@ def test_perplexity_output_parsing():
     assert parse_perplexity_output(same) == {"ppl": 43180.2883, "kld": 0.0, "kld_unc": 0.0}
     assert parse_perplexity_output("[1]5.1,[2]5.3,\nFinal estimate: PPL = 5.3000 +/- 0.1")["final_ppl"] == 5.3
     assert choose_ctx(5000) == 256 and choose_ctx(600) == 128 and choose_ctx(70) == 32
+
+
+def test_chunk_klds_and_paired_delta():
+    """Running means 0.00002, 0.00003 over two equal chunks: the second chunk alone is 2*3e-5 - 2e-5 = 4e-5."""
+    row = "{:4d}    38653.5839 ± 6806.9477       0.00429 ±    0.00163       {:.5f} ±    0.00000     0.000 ±  0.000 %    100.000 ±  0.000 %\n"
+    cums = [0.01, 0.02, 0.01]  # chunks 0.01, 0.03, -0.01
+    text = "".join(row.format(k + 1, c) for k, c in enumerate(cums))
+    assert chunk_klds(text) == pytest.approx([0.01, 0.03, -0.01])
+    assert chunk_klds(row.format(2, 0.1)) == []  # rows must start at chunk 1
+    # a constant per-chunk offset is detected exactly although the chunks themselves vary a lot
+    base = [0.01, 0.05, 0.02, 0.08]
+    delta, se = paired_delta(base, [b + 0.001 for b in base])
+    assert delta == pytest.approx(0.001) and se == pytest.approx(0.0, abs=1e-12)
+    delta, se = paired_delta([0.0, 0.0, 0.0], [0.001, 0.002, 0.003])
+    assert delta == pytest.approx(0.002) and se == pytest.approx(0.001 / 3**0.5)
+    assert paired_delta([0.1], [0.2]) is None and paired_delta([0.1, 0.2], [0.1]) is None
 
 
 # -- generation on a tiny GGUF -------------------------------------------------------------------
@@ -242,19 +259,27 @@ def test_cli_end_to_end(tiny, tmp_path):
     o = _jsonl(tmp_path / "o.txt", ["How do I kill a Python process?"])
     b = _jsonl(tmp_path / "b.jsonl", [{"prompt": p, "label": 0} for p in PROMPTS])
     rj, rp = tmp_path / "r.json", tmp_path / "r.png"
-    r = runner.invoke(app, ["eval", str(gg), str(hf), "--harmful", str(h), "--overrefusal", str(o), "--benign", str(b),
+    from qrealign_gguf.convert import ConvertOptions, convert
+    q4 = tmp_path / "tiny.q4_0.gguf"
+    convert(hf, q4, ConvertOptions(outtype="Q4_0"))
+    r = runner.invoke(app, ["eval", str(gg), str(hf), str(q4), "--harmful", str(h), "--overrefusal", str(o), "--benign", str(b),
                             "--reference", str(gg), "--judge", str(gg), "--max-new-tokens", "8", "--json", str(rj),
                             "--plot", str(rp)])
     assert r.exit_code == 0, r.output
     rep = json.loads(rj.read_text())
     assert rp.read_bytes()[:4] == b"\x89PNG"
-    f32, hfv = rep["variants"]
+    f32, hfv, q4v = rep["variants"]
     assert f32["kind"] == "gguf" and hfv["kind"] == "hf"
+    # the paired KLD difference to the first GGUF: the mean of per-chunk differences is the difference of the
+    # means (equal-sized chunks), up to the 5 printed decimals of llama-perplexity's running rows
+    assert len(q4v["kld_chunks"]) == len(f32["kld_chunks"]) >= 2 and "kld_delta" not in f32
+    d = q4v["kld_delta"]
+    assert d["vs"] == f32["name"] and d["delta"] == pytest.approx(q4v["kld"] - f32["kld"], abs=1e-4) and d["se"] >= 0
     assert f32["harmful"]["n"] == 2 and f32["overrefusal"]["n"] == 1 and f32["benign"]["n"] == len(PROMPTS)
     assert f32["benign"]["rouge_l"] == pytest.approx(1.0)  # the reference itself
     assert f32.get("kld") is not None, rep["notes"]
     assert f32["kld"] == pytest.approx(0.0, abs=1e-4) and f32["ppl"] > 1 and hfv["kld"] is None
-    assert rep["judge"]["primary"] == "model" and rep["judge"]["agreement"]["n"] == 2 * (2 + 1 + len(PROMPTS))
+    assert rep["judge"]["primary"] == "model" and rep["judge"]["agreement"]["n"] == 3 * (2 + 1 + len(PROMPTS))
     assert len(f32["answers"]["harmful"]) == 2 and "refused_model" in f32["answers"]["harmful"][0]
     assert not math.isnan(f32["harmful"]["refusal"])
 

@@ -328,10 +328,18 @@ def _perplexity(report: dict, reference: Path, ref_kind: str, benign: list[Promp
             log.print(f"KLD: {v['name']}")
             try:
                 r = M.kld_variant(m, base, n_ctx, threads=threads, build=builds.get(Path(m)))
-                v.update(ppl=r.ppl, ppl_base=r.ppl_base, kld=r.kld, kld_unc=r.kld_unc)
+                v.update(ppl=r.ppl, ppl_base=r.ppl_base, kld=r.kld, kld_unc=r.kld_unc, kld_chunks=r.kld_chunks)
             except M.PerplexityError as e:
                 v["ppl"] = v["kld"] = None
                 report["notes"].append(f"KLD for {v['name']} failed: {e}")
+    # every later variant against the first one with a KLD, chunk by chunk on the same text
+    first = next((v for v in report["variants"] if v.get("kld_chunks")), None)
+    for v in report["variants"]:
+        if first is None or v is first or not v.get("kld_chunks"):
+            continue
+        pd = M.paired_delta(first["kld_chunks"], v["kld_chunks"])
+        if pd:
+            v["kld_delta"] = {"vs": first["name"], "delta": pd[0], "se": pd[1], "chunks": len(v["kld_chunks"])}
 
 
 # -- typer command --------------------------------------------------------------------------------

@@ -11,6 +11,9 @@ helpfulness         on benign prompts: `answered` = fraction NOT judged a refusa
                     SQuAD style) is reported alongside.
 perplexity_kld      the pinned llama-perplexity on benign text: `--kl-divergence-base` on the reference GGUF,
                     then `--kl-divergence` per variant; parses "Mean PPL(Q)", "Mean PPL(base)", "Mean KLD".
+paired_delta        KLD of two variants on the same text, compared chunk by chunk: the per-token KLDs of two
+                    quantizations of one model move together, so the paired difference is far tighter than the
+                    two files' own ± (which mostly measure how hard the text is).
 """
 from __future__ import annotations
 
@@ -100,6 +103,7 @@ class PPLResult:
     kld: float  # Mean KLD(base || variant) per token, nats
     kld_unc: float | None
     n_ctx: int
+    kld_chunks: list[float]  # mean KLD of each chunk (chunk_klds)
 
 
 _NUM = r"([-+]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf))"
@@ -126,6 +130,26 @@ def parse_perplexity_output(text: str) -> dict[str, float]:
 
 # "  6    41220.7833 ± 2625.0880   0.00215 ± 0.00080   0.00003 ± 0.00000   0.000 ± 0.000 %   98.889 ± 1.111 %"
 _KLD_ROW = re.compile(r"^\s*(\d+)\s+" + r"\s+".join([_NUM + r"\s*±\s*" + _NUM] * 3) + r"\s+[-\d.]+\s*±", re.M)
+
+
+def chunk_klds(text: str) -> list[float]:
+    """Each chunk's own mean KLD from llama-perplexity's running rows (cumulative means over equal-sized chunks:
+    chunk k's mean = k * cum_k - (k - 1) * cum_(k-1); the rows' 5 decimals limit each to ~1e-5 * 2k)."""
+    cum = {int(r[0]): float(r[5]) for r in _KLD_ROW.findall(text)}
+    if not cum or sorted(cum) != list(range(1, len(cum) + 1)):
+        return []
+    return [k * cum[k] - (k - 1) * cum.get(k - 1, 0.0) for k in sorted(cum)]
+
+
+def paired_delta(base: Sequence[float], other: Sequence[float]) -> tuple[float, float] | None:
+    """Mean of other - base over paired chunks and its standard error; None without >= 2 pairs."""
+    n = min(len(base), len(other))
+    if n < 2 or len(base) != len(other):
+        return None
+    d = [o - b for b, o in zip(base, other)]
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / (n - 1)
+    return mean, (var / n) ** 0.5
 
 
 def choose_ctx(n_tokens: int) -> int:
@@ -168,7 +192,8 @@ def kld_variant(variant_gguf: str | Path, base_file: str | Path, n_ctx: int, *, 
            "--kl-divergence", "-c", str(n_ctx), "-b", str(n_ctx), "-ngl", "0"]
     if threads > 0:
         cmd += ["-t", str(threads)]
-    vals = parse_perplexity_output(_run(cmd, b))
+    out = _run(cmd, b)
+    vals = parse_perplexity_output(out)
     if "ppl" not in vals or "kld" not in vals:
         raise PerplexityError(f"could not find Mean PPL(Q) / Mean KLD in llama-perplexity output for {variant_gguf}")
-    return PPLResult(vals["ppl"], vals.get("ppl_base"), vals["kld"], vals.get("kld_unc"), n_ctx)
+    return PPLResult(vals["ppl"], vals.get("ppl_base"), vals["kld"], vals.get("kld_unc"), n_ctx, chunk_klds(out))

@@ -7,7 +7,9 @@ The report is a plain dict (JSON-ready) built by evaluate.cli.run_eval:
          "harmful":     {"n", "refusal", "refusal_keyword", "refusal_model"},
          "overrefusal": {"n", "refusal", "refusal_keyword", "refusal_model"},
          "benign":      {"n", "answered", "rouge_l", "token_f1"},
-         "ppl", "ppl_base", "kld", "kld_unc", "generation": {"seconds", "generated_tokens", "tokens_per_s"},
+         "ppl", "ppl_base", "kld", "kld_unc", "kld_chunks" (each chunk's mean KLD),
+         "kld_delta": {"vs", "delta", "se", "chunks"} (KLD minus the first KLD variant's, paired by chunk),
+         "generation": {"seconds", "generated_tokens", "tokens_per_s"},
          "answers": {"harmful": [...], ...}}, ...]}
 
 "refusal" is the primary judge's rate (the model judge when one was given, else the keyword judge); rates are
@@ -57,6 +59,9 @@ def print_table(report: dict, console: Console | None = None) -> None:
     if any(v.get("kld") is not None for v in vs):
         cols.append(("PPL", lambda v: _num(v.get("ppl"), "{:.3f}")))
         cols.append(("KLD\nvs ref", lambda v: _num(v.get("kld"), "{:.5f}")))
+    if any(v.get("kld_delta") for v in vs):  # the first KLD variant is the baseline: its cell stays "-"
+        cols.append(("ΔKLD vs\n1st (paired)", lambda v: "{delta:+.5f} ± {se:.5f}".format(**v["kld_delta"])
+                     if v.get("kld_delta") else "-"))
     cols.append(("tok/s", lambda v: _num((v.get("generation") or {}).get("tokens_per_s"), "{:.1f}")))
     cells = [[f(v) for _, f in cols] for v in vs]  # type: ignore[operator]
     need = sum(max([len(w) for w in head.split()] + [len(r[i]) for r in cells]) + 3 for i, (head, _) in enumerate(cols))
