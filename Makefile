@@ -71,10 +71,16 @@ testbed: install llama
 	$(VPY) tools/testbed.py
 
 # every variant (aligned/fine-tuned F16, RTN, imatrix, realigned) converted and evaluated on dev_* prompts
+# with the measured recipe (docs/BENCHMARKS.md round 6): contrast probes, imatrix, --equalize, default weights
 EXP_DIR ?= out/experiment
+TESTBED := $$HOME/.cache/qrealign-gguf/testbed
 experiment: testbed
-	$(VPY) tools/realign_experiment.py --aligned $$HOME/.cache/qrealign-gguf/testbed/aligned-offgrid \
-		--finetuned $$HOME/.cache/qrealign-gguf/testbed/finetuned --out $(EXP_DIR)
+	mkdir -p $(EXP_DIR)
+	test -f $(EXP_DIR)/contrast.safetensors || $(VPY) tools/probe_shift.py --aligned $(TESTBED)/aligned-offgrid \
+		--finetuned $(TESTBED)/finetuned --n 128 --kind contrast --save $(EXP_DIR)/contrast.safetensors
+	$(VPY) tools/realign_experiment.py --aligned $(TESTBED)/aligned-offgrid --finetuned $(TESTBED)/finetuned \
+		--out $(EXP_DIR) --probes $(EXP_DIR)/contrast.safetensors \
+		--realign-args "--imatrix $(EXP_DIR)/finetuned.imatrix.gguf --equalize"
 
 clean:
 	rm -rf build *.egg-info qrealign_gguf/_native* qrealign_gguf/_cuda .pytest_cache $(VENV)/.cuda
