@@ -30,3 +30,32 @@ def test_smollm2_q4km_answers_coherently(q4km, llama):
     assert types >= {"Q5_0", "Q8_0", "F32"}  # 576-wide rows fall back from Q4_K exactly as llama-quantize does
     answer = _chat(llama, q4km, "What is the capital of France? Answer in one sentence.")
     assert "Paris" in answer, answer
+
+
+def test_smollm2_realigned_q4km_runs_in_llama(q4km, llama, tmp_path):
+    """The mission's path on a real model, through the CLI a user runs: probe -> convert --probes -> llama.cpp.
+    SmolLM2 serves as its own aligned model; 2 steps on 4 prompts per layer keep it a few minutes on 2 cores.
+    The realignment checks its packed bytes against the simulator itself; here: the file is marked, differs from
+    plain Q4_K_M where the optimizer moved the rounding, and still answers in the pinned llama.cpp."""
+    from typer.testing import CliRunner
+
+    from qrealign_gguf.cli import app
+
+    runner = CliRunner()
+    probes, out = tmp_path / "probes.safetensors", tmp_path / "realigned.gguf"
+    r = runner.invoke(app, ["probe", str(smollm2_dir()), "-o", str(probes), "--samples", "16"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["convert", str(smollm2_dir()), "--probes", str(probes), "-o", str(out), "--outtype",
+                            "Q4_K_M", "--realign-samples", "4", "--realign-iters", "2"])
+    assert r.exit_code == 0, r.output
+    assert not (tmp_path / "realigned.realign-ckpt").exists()  # checkpoints are removed on success
+
+    reader, plain = gguf.GGUFReader(out), gguf.GGUFReader(q4km)
+    assert reader.fields["qrealign.realigned"].contents() is True
+    ours = {t.name: (t.tensor_type, bytes(t.data)) for t in reader.tensors}
+    theirs = {t.name: (t.tensor_type, bytes(t.data)) for t in plain.tensors}
+    assert {k: v[0] for k, v in ours.items()} == {k: v[0] for k, v in theirs.items()}  # the same type mix
+    moved = [k for k in ours if k.startswith("blk.") and ours[k][1] != theirs[k][1]]
+    assert len(moved) > 30, moved  # most of the 210 layer matrices got different blocks
+    answer = _chat(llama, out, "What is the capital of France? Answer in one sentence.")
+    assert "Paris" in answer, answer
