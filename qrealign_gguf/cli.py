@@ -66,7 +66,7 @@ def convert(
     pure: bool = typer.Option(False, "--pure", help="every matrix in the base type, no per-tensor mix (llama-quantize --pure)"),
     split_max_size: str = typer.Option("0", "--split-max-size", help="max bytes per shard, e.g. 2G (0 = one file)"),
     metadata: Optional[Path] = typer.Option(None, "--metadata", help="JSON object of GGUF keys to set or override"),
-    threads: int = typer.Option(0, "--threads", "-t", help="encoder threads (0 = all cores)"),
+    threads: int = typer.Option(0, "--threads", "-t", help="encoder threads, and realignment's torch threads (0 = all cores; lower it on a shared machine)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan (tensors, types, size) and write nothing"),
     force: bool = typer.Option(False, "--force", "-f", help="overwrite an existing output file"),
     aligned: Optional[Path] = typer.Option(None, "--aligned", help="REALIGN: the aligned model this one was fine-tuned from (probes are fit on it)"),

@@ -177,7 +177,6 @@ def realign_model(finetuned: str | Path, plan, probes: ProbeSet, settings: Reali
 
     model = AutoModelForCausalLM.from_pretrained(finetuned, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(finetuned)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     ids_b = [chat_ids(tok, p.text, settings.max_tokens) for p in ben]
     ids_h = [chat_ids(tok, p.text, settings.max_tokens) for p in harm]
     cache = capture(model, ids_b + ids_h, _quantized_embedding(plan, importance, device))
@@ -308,6 +307,9 @@ def run_realign(req: RealignRequest, plan, probes: ProbeSet | None, opts, consol
         if console:
             console.print(f"probes: {len(probes.reliable)}/{probes.n_layers} layers reliable "
                           f"(held-out accuracy {probes.heldout_acc.min():.2f}..{probes.heldout_acc.max():.2f})")
+
+    if opts.threads > 0:  # torch's OpenMP threads spin: on a shared machine, over-subscription costs ~10x
+        torch.set_num_threads(opts.threads)
 
     def report(i: int, n: int, s: LayerStats, resumed: bool) -> None:
         if console:
