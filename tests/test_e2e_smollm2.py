@@ -5,7 +5,9 @@ import subprocess
 
 import gguf
 import pytest
+from typer.testing import CliRunner
 
+from qrealign_gguf.cli import app
 from qrealign_gguf.convert import ConvertOptions, convert
 from tiny_models import smollm2_dir
 
@@ -37,10 +39,6 @@ def test_smollm2_realigned_q4km_runs_in_llama(q4km, llama, tmp_path):
     SmolLM2 serves as its own aligned model; 2 steps on 4 prompts per layer keep it a few minutes on 2 cores.
     The realignment checks its packed bytes against the simulator itself; here: the file is marked, differs from
     plain Q4_K_M where the optimizer moved the rounding, and still answers in the pinned llama.cpp."""
-    from typer.testing import CliRunner
-
-    from qrealign_gguf.cli import app
-
     runner = CliRunner()
     probes, out = tmp_path / "probes.safetensors", tmp_path / "realigned.gguf"
     r = runner.invoke(app, ["probe", str(smollm2_dir()), "-o", str(probes), "--samples", "16"])
