@@ -219,3 +219,17 @@ def test_batched_last_token_states_equal_one_by_one(tiny):
     many = last_token_states(model, tok, prompts, batch=4)
     assert one.shape == (10, 2, 64)
     torch.testing.assert_close(many, one, rtol=1e-4, atol=1e-5)
+
+
+def test_cli_realign_defaults_are_the_settings_defaults():
+    """`convert`'s REALIGN option defaults (kept in cli.py so the CLI starts without torch) equal
+    RealignSettings', the one place the measured defaults are set (RealignRequest takes them from there)."""
+    import typer.main
+
+    params = {p.name: p.default for p in typer.main.get_command(app).commands["convert"].params}
+    settings = RealignSettings()
+    pairs = {"samples": "n_benign", "iters": "iters", "lr": "lr", "harm_weight": "harm_weight", "margin": "margin",
+             "margin_offset": "margin_offset", "probe_layers": "probe_layers", "last_weight": "last_weight",
+             "benign_ceiling": "benign_ceiling", "equalize": "equalize"}
+    assert {cli: params[cli] for cli in pairs} == {cli: getattr(settings, s) for cli, s in pairs.items()}
+    assert settings.n_harmful == settings.n_benign  # --realign-samples sets both

@@ -235,19 +235,20 @@ class RealignRequest:
     probes: Path | None
     harmful: str
     benign: str
-    samples: int = 32
-    iters: int = 40
-    harm_weight: float = 0.01  # measured best on the testbed (docs/BENCHMARKS.md round 6)
-    margin: float | None = None
+    # defaults: RealignSettings' own (one source; the CLI's option defaults are tested against them)
+    samples: int = RealignSettings.n_benign
+    iters: int = RealignSettings.iters
+    harm_weight: float = RealignSettings.harm_weight
+    margin: float | None = RealignSettings.margin
     checkpoints: Path | None = None
     device: str = "auto"
-    last_weight: float = 1.0
-    benign_ceiling: float | None = None
+    last_weight: float = RealignSettings.last_weight
+    benign_ceiling: float | None = RealignSettings.benign_ceiling
     probe_kind: str = "content"  # with --aligned: "contrast" fits refusal-state probes against self.finetuned
-    equalize: bool = False
-    margin_offset: float = 1.5
-    probe_layers: str | None = None  # e.g. "3-": the probe term only there (the rest: reconstruction only)
-    lr: float = 5e-3  # rounding-offset step (code units); scale multipliers get lr/10
+    equalize: bool = RealignSettings.equalize
+    margin_offset: float = RealignSettings.margin_offset
+    probe_layers: str | None = RealignSettings.probe_layers  # e.g. "3-": probe term only there
+    lr: float = RealignSettings.lr
 
     @property
     def settings(self) -> RealignSettings:
@@ -301,15 +302,14 @@ def prepare_realign(req: RealignRequest, plan, console=None) -> ProbeSet | None:
 def run_realign(req: RealignRequest, plan, probes: ProbeSet | None, opts, console=None) -> dict[str, np.ndarray]:  # noqa: ANN001
     from .probes import probe_model
 
+    if opts.threads > 0:  # torch's OpenMP threads spin: next to another job, layers once ran ~10x slower here
+        torch.set_num_threads(opts.threads)
     if probes is None:
         probes = probe_model(req.aligned, req.harmful, req.benign, console=console,
                              contrast=req.finetuned if req.probe_kind == "contrast" else None)
         if console:
             console.print(f"probes: {len(probes.reliable)}/{probes.n_layers} layers reliable "
                           f"(held-out accuracy {probes.heldout_acc.min():.2f}..{probes.heldout_acc.max():.2f})")
-
-    if opts.threads > 0:  # torch's OpenMP threads spin: on a shared machine, over-subscription costs ~10x
-        torch.set_num_threads(opts.threads)
 
     def report(i: int, n: int, s: LayerStats, resumed: bool) -> None:
         if console:
