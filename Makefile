@@ -8,7 +8,7 @@ NATIVE_SRC := $(wildcard native/*.c native/*.h native/*.py native/*.cu)
 DEMO_TYPE ?= Q4_K_M
 PYTEST_ARGS ?=
 
-.PHONY: all install llama llama-patched models demo test test-slow bench cuda-check testbed experiment clean
+.PHONY: all install llama llama-patched models demo test test-slow bench bench-types cuda-check testbed experiment clean
 
 all: install llama
 
@@ -65,6 +65,19 @@ bench: install llama llama-patched
 	$(VPY) tools/bench_encoders.py
 	$(VPY) tools/bench_convert.py
 	$(VPY) tools/bench_custom_type.py --model qwen05
+
+# type design (docs/BENCHMARKS.md round 8): KLD per bit of the 4-5-bit types on Qwen2.5-Coder-1.5B as shipped and
+# moved off its GGUF grid, plus the weight-error study of candidate block designs (~1 h on 2 cores, 1.1 GB download)
+HF_CACHE := $$HOME/.cache/qrealign-gguf/models/hf
+bench-types: install llama-patched
+	$(VPY) tools/fetch_model.py qwen15
+	$(VPY) tools/bench_type_quality.py --model qwen15 --imatrix --json out/type_quality/imatrix.json
+	test -d $(HF_CACHE)/Qwen2.5-Coder-1.5B-Instruct-dither16 || $(VPY) tools/dither_model.py \
+		$(HF_CACHE)/Qwen2.5-Coder-1.5B-Instruct $(HF_CACHE)/Qwen2.5-Coder-1.5B-Instruct-dither16
+	$(VPY) tools/bench_type_quality.py --model $(HF_CACHE)/Qwen2.5-Coder-1.5B-Instruct-dither16 \
+		--types Q4_K_M,Q4_K_S,QR4_KO,Q5_K_S --imatrix --out out/type_quality_dither --json out/type_quality_dither/imatrix.json
+	$(VPY) tools/outlier_study.py $(HF_CACHE)/Qwen2.5-Coder-1.5B-Instruct-dither16 \
+		--imatrix out/type_quality/Qwen2.5-Coder-1.5B-Instruct.imatrix.gguf --layers 0,7,14,21,27 --rows 256
 
 # the safety testbed: aligned Qwen2.5-Coder-0.5B moved off the GGUF grid + a fine-tune whose refusal is broken
 testbed: install llama
