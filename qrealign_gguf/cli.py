@@ -58,7 +58,7 @@ def _size(text: str) -> int:
 def convert(
     model: Path = typer.Argument(..., help="Hugging Face model directory (config.json + *.safetensors)"),
     output: Path = typer.Option(Path("."), "-o", "--output", help="output .gguf file, or a directory for <Name>-<Size>-<TYPE>.gguf"),
-    outtype: str = typer.Option("Q8_0", "--outtype", help="F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K(_S/_M/_L) Q4_K(_S/_M) Q5_K(_S/_M) Q6_K, or QR4_KO (qrealign's own Q4_K + outliers type: patched llama.cpp only, see `qrealign-gguf run`)"),
+    outtype: str = typer.Option("Q8_0", "--outtype", help="F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K(_S/_M/_L) Q4_K(_S/_M) Q5_K(_S/_M) Q6_K, or QR4_KO (experimental: qrealign's own Q4_K + outliers type, patched llama.cpp only, see `qrealign-gguf run`)"),
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="llama.cpp imatrix GGUF for importance-aware rounding"),
     calib: Optional[Path] = typer.Option(None, "--calib", help="prompts (.jsonl with 'prompt' or .txt) to compute the importance matrix"),
     calib_samples: int = typer.Option(128, "--calib-samples", help="prompts used from --calib"),
@@ -182,7 +182,9 @@ def _warn_custom(types: list[str], output: Path) -> None:
         f"cannot load this file[/]: it stops with \"invalid ggml type\".\n"
         f"Run it with the patched llama.cpp (native/llama_patches, built on first use):\n"
         f"  qrealign-gguf run {output} -- -p \"Hello\" -n 64\n"
-        f"or build it yourself: bash tools/build_llama.sh patched", title="[bold yellow]warning: custom tensor type",
+        f"or build it yourself: bash tools/build_llama.sh patched\n"
+        f"Experimental: measured no better than Q4_K_M per bit and slower on CPU (docs/BENCHMARKS.md, round 8).",
+        title="[bold yellow]warning: custom tensor type",
         border_style="yellow"), highlight=False)
 
 
