@@ -67,7 +67,8 @@ bench: install llama llama-patched
 	$(VPY) tools/bench_custom_type.py --model qwen05
 
 # type design (docs/BENCHMARKS.md round 8): KLD per bit of the 4-5-bit types on Qwen2.5-Coder-1.5B as shipped and
-# moved off its GGUF grid, plus the weight-error study of candidate block designs (~1 h on 2 cores, 1.1 GB download)
+# moved off its GGUF grid, plus the weight-error study of candidate block designs (~1 h on 2 cores, 1.1 GB download);
+# the last two steps use the testbed fine-tune and its imatrix (`make testbed`, `make experiment`)
 HF_CACHE := $$HOME/.cache/qrealign-gguf/models/hf
 bench-types: install llama-patched
 	$(VPY) tools/fetch_model.py qwen15
@@ -78,6 +79,9 @@ bench-types: install llama-patched
 		--types Q4_K_M,Q4_K_S,QR4_KO,Q5_K_S --imatrix --out out/type_quality_dither --json out/type_quality_dither/imatrix.json
 	$(VPY) tools/outlier_study.py $(HF_CACHE)/Qwen2.5-Coder-1.5B-Instruct-dither16 \
 		--imatrix out/type_quality/Qwen2.5-Coder-1.5B-Instruct.imatrix.gguf --layers 0,7,14,21,27 --rows 256
+	$(VPY) tools/outlier_study.py $(TESTBED)/finetuned --imatrix $(EXP_DIR)/finetuned.imatrix.gguf --layers 0,6,12,18,23
+	$(VPY) tools/design_kld.py $(TESTBED)/finetuned --imatrix $(EXP_DIR)/finetuned.imatrix.gguf \
+		--designs Q5_0,Q5_K/128,Q4_1,Q4_K/128 --chunks 6
 
 # the safety testbed: aligned Qwen2.5-Coder-0.5B moved off the GGUF grid + a fine-tune whose refusal is broken
 testbed: install llama
