@@ -18,24 +18,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 
 import numpy as np  # noqa: E402
 
 from qrealign_gguf.inspect import read_gguf_summary  # noqa: E402
 from qrealign_gguf.llama_runtime import find_llama  # noqa: E402
 
+from fetch_model import model_dir  # noqa: E402
+
 CLI = str(ROOT / ".venv" / "bin" / "qrealign-gguf")
 TYPES = ("Q4_K_M", "Q5_K_M", "QR4_KO")
-
-
-def model_dir(name: str) -> Path:
-    p = Path(name).expanduser()
-    if p.is_dir():
-        return p
-    sys.path.insert(0, str(ROOT / "tools"))
-    from fetch_model import fetch_hf  # noqa: PLC0415
-
-    return fetch_hf(name)
 
 
 def bench(build, f: Path, threads: int, reps: int) -> dict[str, float]:  # noqa: ANN001 - LlamaBuild

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex as _shlex
 import subprocess
 import sys
@@ -24,23 +25,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 
 from qrealign_gguf.evaluate import metrics as M  # noqa: E402
 from qrealign_gguf.inspect import read_gguf_summary  # noqa: E402
 from qrealign_gguf.llama_runtime import find_llama  # noqa: E402
 
+from fetch_model import model_dir  # noqa: E402
+
 CLI = str(ROOT / ".venv" / "bin" / "qrealign-gguf")
 DEFAULT_TYPES = "Q4_K_S,Q4_K_M,QR4_KO,Q5_K_S,Q5_K_M"
 
 
-def model_dir(name: str) -> Path:
-    p = Path(name).expanduser()
-    if p.is_dir():
-        return p
-    sys.path.insert(0, str(ROOT / "tools"))
-    from fetch_model import fetch_hf  # noqa: PLC0415
-
-    return fetch_hf(name)
+def heldout_text() -> str:
+    """Text no calibration set contains (and design_kld.py's too): Python's textwrap.py + shlex.py."""
+    return Path(_textwrap.__file__).read_text() + "\n\n" + Path(_shlex.__file__).read_text()
 
 
 def convert(src: Path, out: Path, outtype: str, extra: list[str]) -> float:
@@ -57,15 +56,8 @@ def bpw(f: Path) -> tuple[float, float]:
     """(whole file, layer matrices only): bits per weight; token_embd/output are the same in every K mix."""
     s = read_gguf_summary(f)
     blk = [r for r in s.tensors if r.name.startswith("blk.") and len(r.shape) >= 2]
-    n = sum(_numel(r.shape) for r in blk)
+    n = sum(math.prod(r.shape) for r in blk)
     return s.bits_per_weight, 8 * sum(r.nbytes for r in blk) / n
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    out = 1
-    for d in shape:
-        out *= d
-    return out
 
 
 def main() -> None:
@@ -84,7 +76,7 @@ def main() -> None:
     threads = ["--threads", str(a.threads)]
 
     text = a.out / "heldout.txt"
-    text.write_text(Path(_textwrap.__file__).read_text() + "\n\n" + Path(_shlex.__file__).read_text())
+    text.write_text(heldout_text())
     ref = a.out / f"{src.name}-F16.gguf"
     convert(src, ref, "F16", threads)
     base = a.out / f"{src.name}-F16.kld"

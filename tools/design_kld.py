@@ -12,9 +12,7 @@ per-chunk difference to the first design. No llama.cpp involved: it ranks design
 from __future__ import annotations
 
 import argparse
-import shlex as _shlex
 import sys
-import textwrap as _textwrap
 from pathlib import Path
 
 import numpy as np
@@ -24,18 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from outlier_study import _imatrix_for, small_superblock, with_outliers  # noqa: E402
+from bench_type_quality import heldout_text  # noqa: E402
+from outlier_study import _imatrix_for, decode  # noqa: E402
 
-from qrealign_gguf.formats import codec  # noqa: E402
 from qrealign_gguf.imatrix import load_imatrix  # noqa: E402
-
-
-def decoded(w: np.ndarray, im: np.ndarray, design: str) -> np.ndarray:
-    if design.endswith("/128"):
-        return small_superblock(w, im, design[:-4])
-    if design.endswith("+O"):
-        return with_outliers(w, im, design[:-2])
-    return codec.dequantize(codec.quantize(w, design, im), design, w.shape[1])
 
 
 def main() -> None:
@@ -52,8 +42,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     tok = AutoTokenizer.from_pretrained(a.model)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
-    text = Path(_textwrap.__file__).read_text() + "\n\n" + Path(_shlex.__file__).read_text()
-    ids = tok(text, return_tensors="pt").input_ids[0]
+    ids = tok(heldout_text(), return_tensors="pt").input_ids[0]
     chunks = [ids[i * a.n_ctx:(i + 1) * a.n_ctx] for i in range(min(a.chunks, len(ids) // a.n_ctx))]
 
     @torch.no_grad()
@@ -70,7 +59,7 @@ def main() -> None:
         with torch.no_grad():
             for n, p in mats.items():
                 w = orig[n].numpy()
-                p.copy_(torch.from_numpy(decoded(np.ascontiguousarray(w), _imatrix_for(imx, n, w.shape[1]),
+                p.copy_(torch.from_numpy(decode(np.ascontiguousarray(w), _imatrix_for(imx, n, w.shape[1]),
                                                  design)))
         kl = []
         for c, r in zip(chunks, ref):

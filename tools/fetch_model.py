@@ -86,6 +86,12 @@ def fetch_hf(name: str) -> Path:
     return dst
 
 
+def model_dir(name: str) -> Path:
+    """An HF model directory as given, or one of MODELS by name (fetched and converted on first use)."""
+    p = Path(name).expanduser()
+    return p if p.is_dir() else fetch_hf(name)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("model", choices=sorted(MODELS))

@@ -74,6 +74,17 @@ def small_superblock(x: np.ndarray, im: np.ndarray, base: str) -> np.ndarray:
     return d.reshape(rows, cols // 128, 256)[:, :, :128].reshape(rows, cols)
 
 
+def decode(w: np.ndarray, im: np.ndarray, design: str) -> np.ndarray:
+    """Decoded rows of a design name: a codec type, or BASE+O / Q4_K/16 / BASE/128 (the emulations above)."""
+    if design.endswith("/128"):
+        return small_superblock(w, im, design[:-4])
+    if design.endswith("/16"):
+        return finer_scales(w, im, design[:-3])
+    if design.endswith("+O"):
+        return with_outliers(w, im, design[:-2])
+    return codec.dequantize(codec.quantize(w, design, im), design, w.shape[1])
+
+
 def rel_err(w: np.ndarray, w_hat: np.ndarray, im: np.ndarray) -> float:
     return float(((w - w_hat) ** 2 * im).sum() / ((w * w) * im).sum())
 
@@ -90,29 +101,22 @@ def main() -> None:
     imx = load_imatrix(a.imatrix) if a.imatrix else {}
     rng = np.random.default_rng(0)
     tot: dict[str, list[float]] = {}
+    layers = [int(x) for x in a.layers.split(",")]
     for f in sorted(a.model.glob("*.safetensors")):
         with safe_open(f, "pt") as st:
             for name in sorted(st.keys()):
-                m = [int(x) for x in a.layers.split(",")]
                 parts = name.split(".")
-                if len(parts) < 4 or parts[1] != "layers" or int(parts[2]) not in m or not name.endswith("proj.weight"):
+                if len(parts) < 4 or parts[1] != "layers" or int(parts[2]) not in layers or not name.endswith("proj.weight"):
                     continue
                 w = st.get_tensor(name).float().numpy()
                 if w.shape[1] % 128:
                     continue
                 w = np.ascontiguousarray(w[rng.choice(w.shape[0], min(a.rows, w.shape[0]), replace=False)])
                 im = _imatrix_for(imx, name, w.shape[1])
-
-                def plain(t: str) -> float:
-                    return rel_err(w, codec.dequantize(codec.quantize(w, t, im), t, w.shape[1]), im)  # noqa: B023
-
-                errs = {b: plain(b) for b in LEGACY}
-                errs.update({b + "/128": rel_err(w, small_superblock(w, im, b), im) for b in BASES[1:]})
+                designs = [*LEGACY, *(b + "/128" for b in BASES[1:])]
                 if w.shape[1] % QK == 0:  # the 256-block types
-                    errs.update({b: plain(b) for b in BASES})
-                    errs.update({b + "+O": rel_err(w, with_outliers(w, im, b), im) for b in BASES[:3]})
-                    errs["Q4_K/16"] = rel_err(w, finer_scales(w, im, "Q4_K"), im)
-                    errs["QR4_KO"] = plain("QR4_KO")
+                    designs += [*BASES, *(b + "+O" for b in BASES[:3]), "Q4_K/16", "QR4_KO"]
+                errs = {d: rel_err(w, decode(w, im, d), im) for d in designs}
                 print(name, " ".join(f"{k} {v:.3e}" for k, v in errs.items()), flush=True)
                 for k, v in errs.items():
                     tot.setdefault(k, []).append(v)
