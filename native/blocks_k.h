@@ -1,4 +1,5 @@
-/* Per-block math of the K-quant codecs (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K; super-blocks of 256 weights),
+/* Per-block math of the K-quant codecs (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K; super-blocks of 256 weights, and
+ * qrealign's QR5_K128: Q5_K's math on 128-weight super-blocks, native/qr_custom.h),
  * shared by the C row drivers (native/quant_k.c) and the CUDA kernels (native/codec_cuda.cu): one
  * source of truth, so both produce the same bytes by construction (numerics rules: native/qr_hd.h).
  *
@@ -19,6 +20,7 @@
 #include "qr_hd.h"
 #include "qr_types.h"
 #include "blocks_k_layout.h"  /* kblock, bit fields, per-type byte layouts */
+#include "qr_custom.h"        /* QR_QR5_K128 */
 
 #define GROUP_MAX_EPS 1e-15f  /* ggml: a group whose max |x| is below this is all zero */
 
@@ -300,14 +302,16 @@ QR_HD void quant_q3k(const float *x, const float *qw, kblock *b) {
     for (int i = 0; i < QK_K; ++i) b->q[i] = (uint8_t)L[i];
 }
 
-/* Q4_K (nmax 15) / Q5_K (nmax 31): 8 affine sub-blocks of 32, 6-bit scale and min codes. */
-QR_HD void quant_k4(const float *x, const float *qw, kblock *b, int nmax) {
-    const int q5 = nmax == 31;
+/* Q4_K (nmax 15) / Q5_K (nmax 31): nsub = 8 affine sub-blocks of 32, 6-bit scale and min codes.
+ * QR5_K128 is Q5_K's search on nsub = 4 (128 weights): sigma^2 over its own 128, codes clamped to 63 and
+ * kept as they are (its scale layout has no spill to emulate). */
+QR_HD void quant_k4(const float *x, const float *qw, kblock *b, int nmax, int nsub) {
+    const int q5 = nmax == 31, n = 32 * nsub;
     float scales[8], mins[8], w[32];
     uint8_t ls[8], lm[8], packed[12];
     if (!qw) {
         float max_scale = 0, max_min = 0;
-        for (int j = 0; j < 8; ++j) {
+        for (int j = 0; j < nsub; ++j) {
             const float *xj = x + 32 * j;
             float sum_x2 = 0;
             for (int l = 0; l < 32; ++l) sum_x2 += xj[l] * xj[l];
@@ -320,7 +324,7 @@ QR_HD void quant_k4(const float *x, const float *qw, kblock *b, int nmax) {
         }
         const float inv_scale = max_scale > 0 ? 63.f / max_scale : 0.f;
         const float inv_min = max_min > 0 ? 63.f / max_min : 0.f;
-        for (int j = 0; j < 8; ++j) {  /* ggml truncates to uint8 before clamping */
+        for (int j = 0; j < nsub; ++j) {  /* ggml truncates to uint8 before clamping */
             ls[j] = (uint8_t)qr_imin(63, (uint8_t)qr_nearest_int(inv_scale * scales[j]));
             lm[j] = (uint8_t)qr_imin(63, (uint8_t)qr_nearest_int(inv_min * mins[j]));
         }
@@ -328,9 +332,9 @@ QR_HD void quant_k4(const float *x, const float *qw, kblock *b, int nmax) {
         b->dmin = qr_f16_scale(max_min / 63.f);
     } else {
         float sum_x2 = 0, sw[8];
-        for (int l = 0; l < QK_K; ++l) sum_x2 += x[l] * x[l];
-        const float sigma2 = 2 * sum_x2 / QK_K;
-        for (int j = 0; j < 8; ++j) {
+        for (int l = 0; l < n; ++l) sum_x2 += x[l] * x[l];
+        const float sigma2 = 2 * sum_x2 / n;
+        for (int j = 0; j < nsub; ++j) {
             const float *xj = x + 32 * j;
             for (int l = 0; l < 32; ++l) w[l] = qw[32 * j + l] * sqrtf(sigma2 + xj[l] * xj[l]);
             float sumw = 0;
@@ -338,17 +342,21 @@ QR_HD void quant_k4(const float *x, const float *qw, kblock *b, int nmax) {
             sw[j] = sumw;
             scales[j] = make_qkx(32, nmax, xj, w, b->q + 32 * j, &mins[j], -0.9f, 0.05f, 36, 0);
         }
-        b->d = qr_f16_scale(make_qp(8, 63, scales, ls, sw));
-        b->dmin = qr_f16_scale(make_qp(8, 63, mins, lm, sw));
+        b->d = qr_f16_scale(make_qp(nsub, 63, scales, ls, sw));
+        b->dmin = qr_f16_scale(make_qp(nsub, 63, mins, lm, sw));
         if (q5)  /* only ggml's Q5_K clamps here; Q4_K packs make_qp's codes as they are */
-            for (int j = 0; j < 8; ++j) { ls[j] = (uint8_t)qr_imin(63, ls[j]); lm[j] = (uint8_t)qr_imin(63, lm[j]); }
+            for (int j = 0; j < nsub; ++j) { ls[j] = (uint8_t)qr_imin(63, ls[j]); lm[j] = (uint8_t)qr_imin(63, lm[j]); }
     }
-    /* decode from the packed bytes: identical to ggml even if a degenerate code spilled */
-    put_scales_k4(packed, ls, lm);
-    get_scales_k4(packed, b->sc, b->mn);
+    if (nsub == 8) {  /* decode from the packed bytes: identical to ggml even if a degenerate code spilled */
+        put_scales_k4(packed, ls, lm);
+        get_scales_k4(packed, b->sc, b->mn);
+    } else {
+        memcpy(b->sc, ls, (size_t)nsub);
+        memcpy(b->mn, lm, (size_t)nsub);
+    }
 }
-QR_HD void quant_q4k(const float *x, const float *qw, kblock *b) { quant_k4(x, qw, b, 15); }
-QR_HD void quant_q5k(const float *x, const float *qw, kblock *b) { quant_k4(x, qw, b, 31); }
+QR_HD void quant_q4k(const float *x, const float *qw, kblock *b) { quant_k4(x, qw, b, 15, 8); }
+QR_HD void quant_q5k(const float *x, const float *qw, kblock *b) { quant_k4(x, qw, b, 31, 8); }
 
 /* Q6_K: 16 symmetric sub-blocks of 16, int8 scale codes. The imatrix is used as the weights as is. */
 QR_HD void quant_q6k(const float *x, const float *qw, kblock *b) {
@@ -372,17 +380,19 @@ typedef struct {
     int size;                /* bytes per block */
     int qmax, scmax, mnmax;  /* largest legal code; mnmax 0: no mins (symmetric type) */
     int qoff;                /* symmetric types: weight = d * scale * (q - qoff) */
+    int n;                   /* weights per super-block: QK_K, or 128 for QR5_K128 */
 } kinfo;
 
 /* the geometry of a K type; .type == -1 for any other type */
 QR_HD kinfo qrk_info(int type) {
-    kinfo k = {-1, 0, 0, 0, 0, 0, 0};
+    kinfo k = {-1, 0, 0, 0, 0, 0, 0, 0};
     switch (type) {
-    case QR_Q2_K: { const kinfo v = {QR_Q2_K, 16, 84, 3, 15, 15, 0}; k = v; break; }
-    case QR_Q3_K: { const kinfo v = {QR_Q3_K, 16, 110, 7, 63, 0, 4}; k = v; break; }
-    case QR_Q4_K: { const kinfo v = {QR_Q4_K, 8, 144, 15, 63, 63, 0}; k = v; break; }
-    case QR_Q5_K: { const kinfo v = {QR_Q5_K, 8, 176, 31, 63, 63, 0}; k = v; break; }
-    case QR_Q6_K: { const kinfo v = {QR_Q6_K, 16, 210, 63, 255, 0, 32}; k = v; break; }
+    case QR_Q2_K: { const kinfo v = {QR_Q2_K, 16, 84, 3, 15, 15, 0, QK_K}; k = v; break; }
+    case QR_Q3_K: { const kinfo v = {QR_Q3_K, 16, 110, 7, 63, 0, 4, QK_K}; k = v; break; }
+    case QR_Q4_K: { const kinfo v = {QR_Q4_K, 8, 144, 15, 63, 63, 0, QK_K}; k = v; break; }
+    case QR_Q5_K: { const kinfo v = {QR_Q5_K, 8, 176, 31, 63, 63, 0, QK_K}; k = v; break; }
+    case QR_Q6_K: { const kinfo v = {QR_Q6_K, 16, 210, 63, 255, 0, 32, QK_K}; k = v; break; }
+    case QR_QR5_K128: { const kinfo v = {QR_QR5_K128, 4, QR5_K128_SIZE, 31, 63, 63, 0, 128}; k = v; break; }
     default: break;
     }
     return k;
@@ -394,6 +404,7 @@ QR_HD void kquant(const kinfo *k, const float *x, const float *qw, kblock *b) {
     case QR_Q3_K: quant_q3k(x, qw, b); break;
     case QR_Q4_K: quant_q4k(x, qw, b); break;
     case QR_Q5_K: quant_q5k(x, qw, b); break;
+    case QR_QR5_K128: quant_k4(x, qw, b, 31, 4); break;
     default: quant_q6k(x, qw, b); break;
     }
 }
@@ -404,6 +415,7 @@ QR_HD void kwrite(const kinfo *k, const kblock *b, uint8_t *y) {
     case QR_Q3_K: write_q3k(b, y); break;
     case QR_Q4_K: write_q4k(b, y); break;
     case QR_Q5_K: write_q5k(b, y); break;
+    case QR_QR5_K128: write_qr5k128(b, y); break;
     default: write_q6k(b, y); break;
     }
 }
@@ -414,6 +426,7 @@ QR_HD void kread(const kinfo *k, const uint8_t *y, kblock *b) {
     case QR_Q3_K: read_q3k(y, b); break;
     case QR_Q4_K: read_q4k(y, b); break;
     case QR_Q5_K: read_q5k(y, b); break;
+    case QR_QR5_K128: read_qr5k128(y, b); break;
     default: read_q6k(y, b); break;
     }
 }
@@ -426,7 +439,7 @@ QR_HD int sub_scale(const kinfo *k, uint8_t c) {
 /* ggml's last step: re-round every weight against the final (fp16 / code-rounded) scales. A
  * sub-block whose effective scale is zero keeps the search's codes. */
 QR_HD void requantize(const kinfo *k, const float *x, kblock *b) {
-    const int sub = QK_K / k->nsub;
+    const int sub = k->n / k->nsub;
     const float d = qr_f16_to_f32(b->d), dmin = qr_f16_to_f32(b->dmin);
     for (int j = 0; j < k->nsub; ++j) {
         const float dl = d * sub_scale(k, b->sc[j]);
@@ -443,7 +456,7 @@ QR_HD void requantize(const kinfo *k, const float *x, kblock *b) {
     }
 }
 
-/* Quantize one super-block x[256] into y; qw: its 256 importance weights or NULL (round to nearest). */
+/* Quantize one super-block x[k->n] into y; qw: its k->n importance weights or NULL (round to nearest). */
 QR_HD void qrk_quant_block(const kinfo *k, const float *x, const float *qw, uint8_t *y) {
     kblock b;
     memset(&b, 0, sizeof b);
@@ -454,7 +467,7 @@ QR_HD void qrk_quant_block(const kinfo *k, const float *x, const float *qw, uint
 
 /* same products in the same order as ggml's dequantize_row_q*_K */
 QR_HD void qrk_dequant_block(const kinfo *k, const uint8_t *x, float *y) {
-    const int sub = QK_K / k->nsub;
+    const int sub = k->n / k->nsub;
     kblock b;
     memset(&b, 0, sizeof b);
     kread(k, x, &b);
@@ -471,15 +484,15 @@ QR_HD void qrk_dequant_block(const kinfo *k, const uint8_t *x, float *y) {
     }
 }
 
-/* Pack one super-block from caller-chosen codes: q[256], sc[nsub], mn[nsub] (types with mins, else
+/* Pack one super-block from caller-chosen codes: q[k->n], sc[nsub], mn[nsub] (types with mins, else
  * ignored), d and dmin fp16 bits. QR_E_ARG if a code is out of the type's range (nothing written). */
 QR_HD int qrk_pack_block(const kinfo *k, const uint8_t *q, uint16_t d, uint16_t dmin, const uint8_t *sc,
                          const uint8_t *mn, uint8_t *y) {
     kblock b;
     memset(&b, 0, sizeof b);
-    for (int l = 0; l < QK_K; ++l) if (q[l] > k->qmax) return QR_E_ARG;
+    for (int l = 0; l < k->n; ++l) if (q[l] > k->qmax) return QR_E_ARG;
     for (int j = 0; j < k->nsub; ++j) if (sc[j] > k->scmax || (k->mnmax && mn[j] > k->mnmax)) return QR_E_ARG;
-    memcpy(b.q, q, QK_K);
+    memcpy(b.q, q, (size_t)k->n);
     memcpy(b.sc, sc, (size_t)k->nsub);
     b.d = d;
     if (k->mnmax) { memcpy(b.mn, mn, (size_t)k->nsub); b.dmin = dmin; }
@@ -493,7 +506,7 @@ QR_HD void qrk_unpack_block(const kinfo *k, const uint8_t *x, uint8_t *q, uint16
     kblock b;
     memset(&b, 0, sizeof b);
     kread(k, x, &b);
-    memcpy(q, b.q, QK_K);
+    memcpy(q, b.q, (size_t)k->n);
     memcpy(sc, b.sc, (size_t)k->nsub);
     *d = b.d;
     if (k->mnmax) { memcpy(mn, b.mn, (size_t)k->nsub); *dmin = b.dmin; }

@@ -1,5 +1,6 @@
-/* Byte layouts of the K-quant super-blocks (Q2_K..Q6_K, 256 weights; ggml-common.h of the pinned llama.cpp):
- * the decoded `kblock` every K codec works on, the bit-field packers, and one writer/reader per type.
+/* Byte layouts of the K-quant super-blocks (Q2_K..Q6_K, 256 weights; ggml-common.h of the pinned llama.cpp,
+ * and qrealign's QR5_K128, 128 weights, native/qr_custom.h): the decoded `kblock` every K codec works on, the
+ * bit-field packers, and one writer/reader per type.
  * Split from blocks_k.h (the scale searches and quantizers), which includes it; the same C11 / CUDA C++
  * rules apply (no function pointers, no file-scope tables, explicit casts).
  */
@@ -10,7 +11,8 @@
 
 #define NSUB_MAX 16
 
-/* one super-block, decoded: q[i] is weight i's code, sc/mn per sub-block (see qrealign.h) */
+/* one super-block, decoded: q[i] is weight i's code, sc/mn per sub-block (see qrealign.h); a 128-weight
+ * type uses the first half */
 typedef struct {
     uint8_t q[QK_K];
     uint16_t d, dmin;  /* fp16 bit patterns */
@@ -165,6 +167,41 @@ QR_HD void read_q6k(const uint8_t *y, kblock *b) {
     get_crumbs(y + 128, b->q, 4);
     memcpy(b->sc, y + 192, 16);
     b->d = get16(y + 208);
+}
+
+/* QR5_K128 (qrealign, native/qr_custom.h), 90 bytes: d, dmin, scales[6], qh[16] (bit 4 of the code of weight
+ * i at bit i/16 of byte i%16), qs[64] (bits 0-3 as Q5_K's first 128 weights: byte 32g+l holds weights 64g+l
+ * (low nibble) and 64g+32+l (high)). The 4 six-bit scales sit in the low bits of bytes 0-3; each min keeps
+ * its low nibble in byte 4 + j/2 (j even: low half) and its top two bits in the spare top of byte j. */
+QR_HD void put_scales_k128(uint8_t *s, const uint8_t *ls, const uint8_t *lm) {
+    for (int j = 0; j < 4; ++j) s[j] = (uint8_t)((ls[j] & 63) | ((lm[j] >> 4) << 6));
+    s[4] = (uint8_t)((lm[0] & 0xF) | (lm[1] & 0xF) << 4);
+    s[5] = (uint8_t)((lm[2] & 0xF) | (lm[3] & 0xF) << 4);
+}
+QR_HD void get_scales_k128(const uint8_t *s, uint8_t *sc, uint8_t *mn) {
+    for (int j = 0; j < 4; ++j) {
+        sc[j] = s[j] & 63;
+        mn[j] = (uint8_t)(((s[4 + j / 2] >> (4 * (j % 2))) & 0xF) | ((s[j] >> 6) << 4));
+    }
+}
+QR_HD void write_qr5k128(const kblock *b, uint8_t *y) {
+    put16(y, b->d); put16(y + 2, b->dmin);
+    put_scales_k128(y + 4, b->sc, b->mn);
+    memset(y + 10, 0, 16);
+    for (int i = 0; i < 128; ++i) y[10 + i % 16] |= (uint8_t)(((b->q[i] >> 4) & 1) << (i / 16));
+    for (int g = 0; g < 2; ++g)
+        for (int l = 0; l < 32; ++l)
+            y[26 + 32 * g + l] = (uint8_t)((b->q[64 * g + l] & 0xF) | (b->q[64 * g + 32 + l] & 0xF) << 4);
+}
+QR_HD void read_qr5k128(const uint8_t *y, kblock *b) {
+    b->d = get16(y); b->dmin = get16(y + 2);
+    get_scales_k128(y + 4, b->sc, b->mn);
+    for (int i = 0; i < 128; ++i) b->q[i] |= (uint8_t)(((y[10 + i % 16] >> (i / 16)) & 1) << 4);
+    for (int g = 0; g < 2; ++g)
+        for (int l = 0; l < 32; ++l) {
+            b->q[64 * g + l] |= y[26 + 32 * g + l] & 0xF;
+            b->q[64 * g + 32 + l] |= y[26 + 32 * g + l] >> 4;
+        }
 }
 
 #endif /* QR_BLOCKS_K_LAYOUT_H */

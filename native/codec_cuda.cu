@@ -70,14 +70,14 @@ __global__ void unpack_legacy(qrl_fmt f, const uint8_t *src, uint8_t *q, uint16_
 __global__ void quant_k(kinfo k, const float *src, uint8_t *dst, int64_t nblocks, int64_t nb, const float *imatrix) {
     const int64_t g = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (g >= nblocks) return;
-    const float *qw = imatrix ? imatrix + (g % nb) * QK_K : nullptr;
-    qrk_quant_block(&k, src + g * QK_K, qw, dst + g * k.size);
+    const float *qw = imatrix ? imatrix + (g % nb) * k.n : nullptr;
+    qrk_quant_block(&k, src + g * k.n, qw, dst + g * k.size);
 }
 
 __global__ void dequant_k(kinfo k, const uint8_t *src, float *dst, int64_t nblocks) {
     const int64_t g = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (g >= nblocks) return;
-    qrk_dequant_block(&k, src + g * k.size, dst + g * QK_K);
+    qrk_dequant_block(&k, src + g * k.size, dst + g * k.n);
 }
 
 __global__ void pack_k(kinfo k, const uint8_t *q, const uint16_t *d, const uint16_t *dmin, const uint8_t *sc,
@@ -85,7 +85,7 @@ __global__ void pack_k(kinfo k, const uint8_t *q, const uint16_t *d, const uint1
     const int64_t g = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (g >= nblocks) return;
     const int64_t s = g * k.nsub;
-    if (qrk_pack_block(&k, q + g * QK_K, d[g], k.mnmax ? dmin[g] : 0, sc + s, k.mnmax ? mn + s : nullptr,
+    if (qrk_pack_block(&k, q + g * k.n, d[g], k.mnmax ? dmin[g] : 0, sc + s, k.mnmax ? mn + s : nullptr,
                        dst + g * k.size) != QR_OK)
         *err = 1;
 }
@@ -96,7 +96,7 @@ __global__ void unpack_k(kinfo k, const uint8_t *src, uint8_t *q, uint16_t *d, u
     if (g >= nblocks) return;
     const int64_t s = g * k.nsub;
     uint16_t dm = 0;
-    qrk_unpack_block(&k, src + g * k.size, q + g * QK_K, &d[g], &dm, sc + s, k.mnmax ? mn + s : nullptr);
+    qrk_unpack_block(&k, src + g * k.size, q + g * k.n, &d[g], &dm, sc + s, k.mnmax ? mn + s : nullptr);
     if (k.mnmax) dmin[g] = dm;
 }
 
@@ -146,7 +146,7 @@ int find_codec(int type, Codec *c) {
         return QR_OK;
     }
     if (c->k.type >= 0) {
-        c->legacy = 0; c->block = QK_K; c->nsub = c->k.nsub; c->has_dmin = c->k.mnmax != 0; c->has_mn = c->has_dmin;
+        c->legacy = 0; c->block = c->k.n; c->nsub = c->k.nsub; c->has_dmin = c->k.mnmax != 0; c->has_mn = c->has_dmin;
         return QR_OK;
     }
     return QR_E_TYPE;

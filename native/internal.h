@@ -43,7 +43,7 @@ typedef struct {
 
 /* Each codec file exports a lookup returning its codec for a type id, or NULL. */
 const qr_codec *qr_codec_legacy(int type); /* quant_legacy.c: Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 IQ4_NL */
-const qr_codec *qr_codec_k(int type);      /* quant_k.c: Q2_K Q3_K Q4_K Q5_K Q6_K */
+const qr_codec *qr_codec_k(int type);      /* quant_k.c: Q2_K Q3_K Q4_K Q5_K Q6_K, and QR5_K128 (id 241) */
 const qr_codec *qr_codec_custom(int type); /* quant_custom.c: QR4_KO (qrealign's own, id 240) */
 
 #endif

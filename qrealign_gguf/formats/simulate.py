@@ -83,6 +83,7 @@ FORMATS: dict[str, _Fmt] = {
     "Q5_K": _Fmt("k", 0, 31, sc_hi=63, mn_hi=63),
     "Q6_K": _Fmt("k", -32, 31, 32, sc_lo=-128, sc_hi=127),
     "QR4_KO": _Fmt("k", 0, 15, sc_hi=63, mn_hi=63),  # qrealign's Q4_K + outliers (formats/types.py)
+    "QR5_K128": _Fmt("k", 0, 31, sc_hi=63, mn_hi=63),  # qrealign's Q5_K on 128-weight super-blocks
 }
 
 

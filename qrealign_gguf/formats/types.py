@@ -11,6 +11,9 @@ Their C definition is native/qr_custom.h.
   QR4_KO (240)  "Q4_K + outliers": per 256 weights a standard Q4_K block (144 bytes) followed by uint8 idx[4]
                 (outlier positions, strictly increasing) and fp16 val[4]; dequantized as Q4_K, then
                 y[idx[j]] = val[j]. 156 bytes per 256 weights = 4.875 bits per weight.
+  QR5_K128 (241) Q5_K's math on 128-weight super-blocks (4 sub-blocks of 32, 6-bit scale and min codes), for
+                rows a multiple of 128 but not of 256 (hidden 640, 896, ...) where llama.cpp falls back to
+                Q5_0 / Q5_1. 90 bytes per 128 weights = 5.625 bits per weight. Layout: native/qr_custom.h.
 """
 from __future__ import annotations
 
@@ -66,6 +69,7 @@ QTYPES: dict[str, QType] = {q.name: q for q in (
     _q("Q5_K", has_min=True, nsub=8),
     _q("Q6_K", nsub=16),
     QType("QR4_KO", 240, 256, 156, has_min=True, nsub=8, custom=True, n_outliers=4, base="Q4_K"),
+    QType("QR5_K128", 241, 128, 90, has_min=True, nsub=4, custom=True),
 )}
 CUSTOM_IDS = range(240, 250)  # reserved by qrealign-gguf
 
