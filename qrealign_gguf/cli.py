@@ -17,6 +17,11 @@ from .errors import InputError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Convert fine-tuned Hugging Face models to GGUF, realigning safety while quantizing.")
 err = Console(stderr=True)
+# what was measured about each custom type, shown when a file gets one (docs/BENCHMARKS.md)
+CUSTOM_STATUS = {
+    "QR4_KO": "experimental: measured no better than Q4_K_M per bit and slower on CPU (docs/BENCHMARKS.md, round 8).",
+    "QR5_K128": "replaces llama.cpp's Q5_0 / Q5_1 fallback on rows of 128*odd (docs/BENCHMARKS.md, QR5_K128).",
+}
 out = Console(soft_wrap=True)
 
 
@@ -58,7 +63,7 @@ def _size(text: str) -> int:
 def convert(
     model: Path = typer.Argument(..., help="Hugging Face model directory (config.json + *.safetensors)"),
     output: Path = typer.Option(Path("."), "-o", "--output", help="output .gguf file, or a directory for <Name>-<Size>-<TYPE>.gguf"),
-    outtype: str = typer.Option("Q8_0", "--outtype", help="F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K(_S/_M/_L) Q4_K(_S/_M) Q5_K(_S/_M) Q6_K, or QR4_KO (experimental: qrealign's own Q4_K + outliers type, patched llama.cpp only, see `qrealign-gguf run`)"),
+    outtype: str = typer.Option("Q8_0", "--outtype", help="F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K(_S/_M/_L) Q4_K(_S/_M) Q5_K(_S/_M) Q6_K; qrealign's own (patched llama.cpp only, see `qrealign-gguf run`): QR4_K_M / QR5_K_M (Q4_K_M / Q5_K_M with the custom QR5_K128 where rows are a multiple of 128 but not 256) or QR4_KO (experimental Q4_K + outliers)"),
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="llama.cpp imatrix GGUF for importance-aware rounding"),
     calib: Optional[Path] = typer.Option(None, "--calib", help="prompts (.jsonl with 'prompt' or .txt) to compute the importance matrix"),
     calib_samples: int = typer.Option(128, "--calib-samples", help="prompts used from --calib"),
@@ -177,13 +182,13 @@ def _warn_custom(types: list[str], output: Path) -> None:
     from .formats.types import qtype
 
     names = ", ".join(f"{n} (id {qtype(n).id})" for n in types)
+    status = "".join(f"\n{n}: {CUSTOM_STATUS[n]}" for n in types if n in CUSTOM_STATUS)
     err.print(Panel(
-        f"[bold]{names}[/] is a qrealign-gguf custom tensor type. [bold]Stock llama.cpp (and every app built on it) "
+        f"[bold]{names}[/]: qrealign-gguf custom tensor type. [bold]Stock llama.cpp (and every app built on it) "
         f"cannot load this file[/]: it stops with \"invalid ggml type\".\n"
         f"Run it with the patched llama.cpp (native/llama_patches, built on first use):\n"
         f"  qrealign-gguf run {output} -- -p \"Hello\" -n 64\n"
-        f"or build it yourself: bash tools/build_llama.sh patched\n"
-        f"Experimental: measured no better than Q4_K_M per bit and slower on CPU (docs/BENCHMARKS.md, round 8).",
+        f"or build it yourself: bash tools/build_llama.sh patched{status}",
         title="[bold yellow]warning: custom tensor type",
         border_style="yellow"), highlight=False)
 

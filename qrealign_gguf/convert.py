@@ -29,7 +29,7 @@ from .imatrix import check_imatrix, load_imatrix
 from .models import family_for
 from .models.base import ModelFamily, TensorSource
 from .gguf_read import GGUFReader
-from .plan import FILE_TYPE, PlanInput, is_custom_outtype, plan_types, resolve_outtype
+from .plan import FILE_TYPE, PlanInput, plan_types, resolve_outtype
 
 # progress(tensor_name, index, total, bytes_written_so_far, total_bytes)
 Progress = Callable[[str, int, int, int, int], None]
@@ -94,12 +94,13 @@ def _nbytes(t: QType, shape: tuple[int, ...]) -> int:
     return rows * t.row_bytes(shape[-1])
 
 
-def default_filename(family: ModelFamily, outtype: str, n_params: int) -> str:
+def default_filename(family: ModelFamily, outtype: str, n_params: int, custom: bool) -> str:
     """<Name>-<Size>-<TYPE>.gguf (gguf-py's naming convention); the size is left out if the name has it.
-    Custom outtypes (QR4_KO) end in .qrealign.gguf: the name says stock llama.cpp will not load it."""
+    Files holding custom tensor types (QR4_KO, QR5_K128) end in .qrealign.gguf: the name says stock llama.cpp
+    will not load them."""
     name = family.model.path.resolve().name
     size = gguf.size_label(n_params, 0, 0, 0)
-    ext = ".qrealign.gguf" if is_custom_outtype(outtype) else ".gguf"
+    ext = ".qrealign.gguf" if custom else ".gguf"
     return f"{name}-{outtype}{ext}" if size.lower() in name.lower() else f"{name}-{size}-{outtype}{ext}"
 
 
@@ -116,7 +117,8 @@ def make_plan(model_dir: str | Path, output: str | Path, opts: ConvertOptions) -
     tensors = [PlannedTensor(s, types[s.name], _nbytes(types[s.name], s.shape)) for s in sources]
     out = Path(output)
     if out.is_dir():
-        out = out / default_filename(family, outtype, sum(int(np.prod(s.shape)) for s in sources))
+        out = out / default_filename(family, outtype, sum(int(np.prod(s.shape)) for s in sources),
+                                     custom=any(t.custom for t in types.values()))
     return Plan(family, outtype, tensors, out)
 
 

@@ -2,6 +2,9 @@
 
 `--outtype` names follow llama.cpp: plain types (Q8_0, Q4_0, ...) and the K-quant mixes (Q4_K_M, ...);
 bare K names are llama-quantize's aliases (Q4_K = Q4_K_M, Q3_K = Q3_K_M, Q5_K = Q5_K_M, Q2_K = the Q2_K mix).
+qrealign's own: QR4_KO (every block matrix in the custom QR4_KO type) and QR4_K_M / QR5_K_M, which are Q4_K_M /
+Q5_K_M except where a row is a multiple of 128 but not of 256: there Q4_K and Q5_K become the custom QR5_K128
+instead of llama.cpp's Q5_0 / Q5_1 fallback (docs/BENCHMARKS.md, "QR5_K128").
 Rules are keyed by GGUF tensor name and layer index, so they hold for every family. MoE/70B/falcon special
 cases of upstream do not apply to the families we convert.
 """
@@ -22,21 +25,20 @@ OUTTYPES: dict[str, tuple[str, str | None]] = {
     "Q5_K_M": ("Q5_K", "Q5_K_M"), "Q6_K": ("Q6_K", "Q6_K"),
     # qrealign's custom type (formats/types.py): runs only in llama.cpp with native/llama_patches applied
     "QR4_KO": ("QR4_KO", "QR4_KO"),
+    "QR4_K_M": ("Q4_K", "Q4_K_M"), "QR5_K_M": ("Q5_K", "Q5_K_M"),  # + QR5_K128 where K blocks do not fit
 }
+# outtypes whose K-quants fall back to QR5_K128 (not Q5_0 / Q5_1) on rows a multiple of 128 but not of 256
+K128_FALLBACK = {"QR4_K_M", "QR5_K_M"}
 ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 # llama_ftype values written to general.file_type (llama.h)
 FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10,
              "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16,
              "Q5_K_M": 17, "Q6_K": 18, "BF16": 32,
-             "QR4_KO": 240}  # ours: LLAMA_FTYPE_MOSTLY_QR4_KO in the patched llama.h (same number as the type id)
+             "QR4_KO": 240,  # ours: LLAMA_FTYPE_MOSTLY_QR4_KO in the patched llama.h (same number as the type id)
+             "QR4_K_M": 15, "QR5_K_M": 17}  # the mixes they are (llama.cpp prints "Q4_K - Medium" / ...)
 # shape fallback when a row is not a multiple of the block size (llama-quant.cpp tensor_type_fallback)
 FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
             "QR4_KO": "Q5_0"}  # as Q4_K
-
-
-def is_custom_outtype(outtype: str) -> bool:
-    """An outtype whose base is one of qrealign's custom tensor types (stock llama.cpp cannot load the file)."""
-    return qtype(OUTTYPES[resolve_outtype(outtype)][0]).custom
 
 
 def resolve_outtype(name: str) -> str:
@@ -129,10 +131,13 @@ def _mix_type(mix: str, base: str, cat: str, name: str, cols: int, n_layer: int,
     return base
 
 
-def shape_fallback(t: str, cols: int) -> str:
-    """Demote a type whose block does not divide the row length (then F16 if even that fails)."""
+def shape_fallback(t: str, cols: int, k128: bool = False) -> str:
+    """Demote a type whose block does not divide the row length (then F16 if even that fails). k128: Q4_K and
+    Q5_K become QR5_K128 where its 128-weight blocks fit."""
     if cols % qtype(t).block_size == 0:
         return t
+    if k128 and t in ("Q4_K", "Q5_K") and cols % qtype("QR5_K128").block_size == 0:
+        return "QR5_K128"
     t = FALLBACK.get(t, t)
     return t if cols % qtype(t).block_size == 0 else "F16"
 
@@ -154,5 +159,5 @@ def plan_types(outtype: str, tensors: list[PlanInput], n_layer: int, n_head: int
             continue
         chosen = base if pure else _mix_type(mix, base, _category(t.name), t.name, t.shape[-1], n_layer,
                                              n_gqa, tied, has_imatrix)
-        out[t.name] = qtype(shape_fallback(chosen, t.shape[-1]))
+        out[t.name] = qtype(shape_fallback(chosen, t.shape[-1], k128=outtype in K128_FALLBACK))
     return out

@@ -32,10 +32,10 @@ import test_codec_legacy as tl
 ROOT = Path(__file__).resolve().parents[1]
 NATIVE = ROOT / "native"
 LEGACY = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"]
-KQUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+KQUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "QR5_K128"]  # QR5_K128: qrealign's, a K codec on 128 blocks
 TYPES = LEGACY + KQUANTS
 ENCODE_TYPES = TYPES + ["QR4_KO"]  # the custom type: quantize/dequantize on the GPU, pack/unpack C only (outliers)
-CODE_LIMIT = {"Q4_0": 16, "Q4_1": 16, "Q5_0": 32, "Q5_1": 32, "Q8_0": 256, "IQ4_NL": 16, **tk.Q_LIMIT}
+CODE_LIMIT = {"Q4_0": 16, "Q4_1": 16, "Q5_0": 32, "Q5_1": 32, "Q8_0": 256, "IQ4_NL": 16, **tk.Q_LIMIT, "QR5_K128": 32}
 
 
 def _cases(name: str) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
@@ -47,7 +47,7 @@ def _cases(name: str) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
                 out.append((f"{kind} cols={cols}", x, None))
                 out.append((f"{kind} cols={cols} imatrix", x, tl._imatrix(cols, cols + 7)))
     else:
-        for cols in (256, 512):
+        for cols in ((384, 896) if name == "QR5_K128" else (256, 512)):
             for kind, x in tk._inputs(cols, cols).items():
                 out.append((f"{kind} cols={cols}", x, None))
                 for iname, im in tk._imatrices(cols, cols).items():

@@ -85,7 +85,7 @@ def test_cli_default_name_warning_and_inspect(tiny, tmp_path) -> None:
     assert r.exit_code == 0, r.output
     files = list(tmp_path.glob("*.gguf"))
     assert len(files) == 1 and files[0].name.endswith("-QR4_KO.qrealign.gguf"), files
-    assert "stock llama.cpp" in r.stderr.lower() and "qrealign-gguf run" in r.stderr and "Experimental" in r.stderr
+    assert "stock llama.cpp" in r.stderr.lower() and "qrealign-gguf run" in r.stderr and "experimental" in r.stderr
     r = runner.invoke(app, ["inspect", str(files[0])])
     assert r.exit_code == 0, r.output
     assert "QR4_KO" in r.stdout and "4.875" not in r.stdout  # mixed file: Q4_K / Q6_K embeddings

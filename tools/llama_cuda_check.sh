@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compile-only check of the CUDA kernels that native/llama_patches add to the pinned llama.cpp (GGML_TYPE_QR4_KO):
+# Compile-only check of the CUDA kernels that native/llama_patches add to the pinned llama.cpp (QR4_KO, QR5_K128):
 # every ggml-cuda .cu file a patch touches is compiled with nvcc from the patched vendored source (no GPU and no
 # cmake needed: ggml-cuda's configure wants the cuBLAS library, the compile only its headers), and the objects
 # must contain the QR4_KO instantiations. A pass is remembered per patch set + nvcc version + flags.
@@ -48,12 +48,14 @@ echo "$files" | xargs -P "$(nproc)" -I{} sh -c \
 for f in $(cat "${patches[@]}" | sed -n 's|^diff --git a/\(tests/[^ ]*\.cpp\) .*|\1|p' | sort -u); do
   "${CXX:-c++}" -std=c++17 -fsyntax-only -I"$L/ggml/include" -I"$L/ggml/src" -I"$L/include" -I"$L/common" "$L/$f"
 done
-# each touched kernel file must instantiate QR4_KO code (ggml-cuda.cu only gains supports_op cases)
+# each touched kernel file must instantiate code of both custom types (ggml-cuda.cu only gains supports_op cases)
 for f in $files; do
   [ "$(basename "$f")" = ggml-cuda.cu ] && continue
   nm -C "$work/$(basename "$f").o" > "$work/syms"  # (not piped into grep -q: SIGPIPE + pipefail)
   grep -q -e 'qr4_ko' -e '(ggml_type)240' "$work/syms" \
     || { echo "llama-cuda-check: $f compiled but holds no QR4_KO kernel"; exit 1; }
+  grep -q -e 'qr5_k128' -e '(ggml_type)241' "$work/syms" \
+    || { echo "llama-cuda-check: $f compiled but holds no QR5_K128 kernel"; exit 1; }
 done
 mkdir -p "$(dirname "$stamp")"
 echo "$(echo "$files" | wc -l) files, sm_80, $("$NVCC" --version | tail -1), $(( $(date +%s) - start )) s" > "$stamp"

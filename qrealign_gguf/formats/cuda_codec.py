@@ -245,8 +245,8 @@ def pack(t: QType | str, q: torch.Tensor, d: torch.Tensor, dmin: torch.Tensor | 
 
     ffi, lib = _load()
     t = _t(t)
-    if t.custom:
-        raise ValueError(f"pack {t.name}: custom types carry outliers; pack them with the C codec (codec.pack)")
+    if t.n_outliers:
+        raise ValueError(f"pack {t.name}: a type with outliers; pack it with the C codec (codec.pack)")
     q = _dev(q, "q")
     if q.dtype != torch.uint8 or q.dim() != 2:
         raise ValueError("q must be a 2-D uint8 tensor")
@@ -276,8 +276,8 @@ def unpack(data: torch.Tensor, t: QType | str, cols: int) -> dict[str, torch.Ten
 
     ffi, lib = _load()
     t = _t(t)
-    if t.custom:
-        raise ValueError(f"unpack {t.name}: custom types carry outliers; unpack them with the C codec (codec.unpack)")
+    if t.n_outliers:
+        raise ValueError(f"unpack {t.name}: a type with outliers; unpack it with the C codec (codec.unpack)")
     if cols <= 0 or cols % t.block_size:
         raise ValueError(f"{t.name}: row length {cols} is not a multiple of the block size {t.block_size}")
     data = _dev(data, "data")
