@@ -2,8 +2,9 @@
 
     .venv/bin/python tools/realign_experiment.py --aligned A_DIR --finetuned F_DIR --out DIR [--probes P]
 
-Variants: aligned F16, fine-tuned F16, fine-tuned RTN Q8_0 / Q4_K_M / Q5_K_M / QR4_KO (custom type), fine-tuned
-imatrix Q4_K_M, realigned Q8_0 / Q4_K_M / Q5_K_M / QR4_KO (--tag names them, one per --realign-args setting). Each conversion's wall time and peak RSS are measured as a separate process; evaluation uses
+Variants: aligned F16, fine-tuned F16, fine-tuned RTN Q8_0 / Q4_K_M / Q5_K_M and the custom QR4_KO / QR4_K_M /
+QR5_K_M, fine-tuned imatrix Q4_K_M, realigned Q8_0 / Q4_K_M / Q5_K_M / QR4_KO / QR4_K_M / QR5_K_M (--tag names
+them, one per --realign-args setting). Each conversion's wall time and peak RSS are measured as a separate process; evaluation uses
 dev_harmful / dev_overrefusal / dev_benign (never seen by probes or calibration), the fine-tuned F16 file as
 helpfulness and KLD reference and the aligned F16 file as the second refusal judge. Results go to
 DIR/results.json and a markdown table on stdout. Finished steps are reused when rerun.
@@ -63,9 +64,12 @@ def main() -> None:
                                      "--calib-samples", "64", "--save-imatrix", str(imatrix)],
         "finetuned-RTN-Q5_K_M": [str(a.finetuned), "--outtype", "Q5_K_M"],
         "finetuned-RTN-QR4_KO": [str(a.finetuned), "--outtype", "QR4_KO"],  # custom type: patched llama.cpp
+        # Q4_K_M / Q5_K_M with the custom QR5_K128 where llama.cpp falls back to Q5_0 / Q5_1 (896-wide rows)
+        "finetuned-RTN-QR4_K_M": [str(a.finetuned), "--outtype", "QR4_K_M"],
+        "finetuned-RTN-QR5_K_M": [str(a.finetuned), "--outtype", "QR5_K_M"],
     }
     tag = f"{a.tag}-" if a.tag else ""
-    for qt in ("Q8_0", "Q4_K_M", "Q5_K_M", "QR4_KO"):
+    for qt in ("Q8_0", "Q4_K_M", "Q5_K_M", "QR4_KO", "QR4_K_M", "QR5_K_M"):
         variants[f"realigned-{tag}{qt}"] = [str(a.finetuned), "--outtype", qt, "--probes", str(probes), *extra]
     costs_file = out / "conversions.json"
     if a.variants:

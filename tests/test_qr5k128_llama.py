@@ -1,0 +1,205 @@
+"""QR5_K128 files end to end: the QR4_K_M / QR5_K_M plans, stock llama.cpp refusing the files, and the patched
+llama.cpp (native/llama_patches 0005/0006) agreeing with our codec and running them.
+
+The patched-build tests skip unless that build is cached (`bash tools/build_llama.sh patched`) or
+QREALIGN_BUILD_PATCHED=1 asks the test run to build it (see tests/test_custom_llama.py).
+"""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qrealign_gguf.convert import ConvertOptions, convert
+from qrealign_gguf.formats import codec
+from qrealign_gguf.formats.types import qtype
+from qrealign_gguf.gguf_read import GGUFReader
+from qrealign_gguf.plan import PlanInput, plan_types
+
+from test_custom_llama import _ggml, _kld, _reference_logits, patched  # noqa: F401 - patched: a fixture
+from tiny_models import make_tiny_llama
+
+T = qtype("QR5_K128")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    # hidden 384 / inter 640: every layer matrix has rows of 384 or 640 = 128 * odd, where Q4_K/Q5_K do not fit
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny_k128") / "hf", hidden=384, inter=640, layers=2, heads=6,
+                           kv_heads=2, tie=False)
+
+
+@pytest.fixture(scope="module")
+def k128_file(tiny, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("k128") / "tiny-QR4_K_M.qrealign.gguf"
+    convert(tiny, out, ConvertOptions(outtype="QR4_K_M"))
+    return out
+
+
+# ---- plan and file (no llama.cpp) --------------------------------------------------------------------
+
+def test_plan_replaces_only_the_q5_fallbacks() -> None:
+    shapes = [PlanInput("blk.0.attn_q.weight", (896, 896)), PlanInput("blk.0.ffn_down.weight", (896, 4864)),
+              PlanInput("blk.0.attn_v.weight", (128, 896)), PlanInput("blk.0.ffn_up.weight", (96, 160)),
+              PlanInput("token_embd.weight", (1000, 896)), PlanInput("output.weight", (1000, 896))]
+    for ours, theirs in (("QR4_K_M", "Q4_K_M"), ("QR5_K_M", "Q5_K_M")):
+        a = {k: v.name for k, v in plan_types(ours, shapes, n_layer=1, n_head=14, n_head_kv=2).items()}
+        b = {k: v.name for k, v in plan_types(theirs, shapes, n_layer=1, n_head=14, n_head_kv=2).items()}
+        diff = {k: (b[k], a[k]) for k in a if a[k] != b[k]}
+        # Q4_K -> Q5_0 / Q5_K -> Q5_1 on 896-wide rows become QR5_K128; 4864 = 19*256 keeps its K type, 160 is
+        # no multiple of 128, and Q6_K's Q8_0 fallback (attn_v in layer 0, output) stays
+        fb = "Q5_0" if theirs == "Q4_K_M" else "Q5_1"
+        assert diff == {"blk.0.attn_q.weight": (fb, "QR5_K128"), "token_embd.weight": (fb, "QR5_K128")}, diff
+        assert a["blk.0.ffn_down.weight"] == "Q6_K" and a["blk.0.attn_v.weight"] == "Q8_0"
+    all_256 = [PlanInput("blk.0.attn_q.weight", (1536, 1536)), PlanInput("token_embd.weight", (1000, 1536))]
+    same = plan_types("QR4_K_M", all_256, n_layer=1, n_head=12, n_head_kv=2)
+    assert {k: v.name for k, v in same.items()} == {k: v.name for k, v in plan_types("Q4_K_M", all_256, 1, 12, 2).items()}
+
+
+def test_written_file_and_its_decoding(k128_file, tiny) -> None:
+    r = GGUFReader(k128_file)
+    types = {t.name: t.tensor_type.name for t in r.tensors}
+    assert types["blk.0.attn_q.weight"] == "QR5_K128" and types["blk.0.ffn_down.weight"] == "QR5_K128"
+    assert types["token_embd.weight"] == "QR5_K128" and types["output.weight"] == "Q8_0"
+    assert int(r.fields["general.file_type"].contents()) == 15  # the Q4_K_M mix it is
+    t = next(t for t in r.tensors if t.name == "blk.0.ffn_down.weight")  # (layer 1: Q6_K -> Q8_0, as Q4_K_M)
+    assert t.data.shape == (384, 640 // 128 * 90)
+    from qrealign_gguf.hf_model import HFModel
+
+    w = np.ascontiguousarray(HFModel(tiny).load("model.layers.0.mlp.down_proj.weight"), dtype=np.float32)
+    np.testing.assert_array_equal(np.asarray(t.data).view(np.uint8), codec.quantize(w, T))
+
+
+def test_default_name_says_custom_only_when_it_is(tiny, tmp_path) -> None:
+    from qrealign_gguf.convert import make_plan
+
+    assert make_plan(tiny, tmp_path, ConvertOptions(outtype="QR5_K_M")).output.name.endswith("-QR5_K_M.qrealign.gguf")
+    wide = make_tiny_llama(tmp_path / "wide", hidden=256, inter=512, layers=1, heads=4, kv_heads=2)
+    assert make_plan(wide, tmp_path, ConvertOptions(outtype="QR5_K_M")).output.name.endswith("-QR5_K_M.gguf")
+
+
+def test_stock_llama_refuses(k128_file, llama) -> None:
+    res = subprocess.run([str(llama.bin("llama-completion")), "-m", str(k128_file), "-p", "hi", "-n", "1", "-no-cnv"],
+                         env=llama.env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "invalid ggml type 241" in res.stderr
+
+
+# ---- the patched llama.cpp -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def patched_ggml(patched):  # noqa: ANN001, ANN201, F811 - (ffi, lib); opened once per module (see test_custom_llama)
+    return _ggml(patched)
+
+
+def test_patched_ggml_traits_to_float_and_quantizer(patched_ggml) -> None:
+    ffi, lib = patched_ggml
+    tr = lib.ggml_get_type_traits(241)
+    assert ffi.string(tr.type_name) == b"qr5_k128" and tr.blck_size == 128 and tr.type_size == 90 and tr.is_quantized
+    rng = np.random.default_rng(1)
+    x = (rng.standard_t(2.5, (16, 896)) * 0.02).astype(np.float32)
+    x[3] = 0
+    x[4, ::7] = 30.0
+    for im in (None, rng.uniform(0.1, 5, 896).astype(np.float32)):
+        ours = codec.quantize(x, T, imatrix=im)
+        out = np.zeros_like(ours)
+        n = lib.ggml_quantize_chunk(241, ffi.cast("float *", x.ctypes.data), ffi.cast("void *", out.ctypes.data), 0, 16,
+                                    896, ffi.NULL if im is None else ffi.cast("float *", im.ctypes.data))
+        assert n == out.nbytes
+        np.testing.assert_array_equal(out, ours)  # ggml's own QR5_K128 encoder writes our bytes
+        y = np.empty_like(x)
+        tr.to_float(ffi.cast("void *", ours.ctypes.data), ffi.cast("float *", y.ctypes.data), x.size)
+        np.testing.assert_array_equal(y.view(np.uint32), codec.dequantize(ours, T, 896).view(np.uint32))
+        assert lib.ggml_validate_row_data(241, ffi.cast("void *", ours.ctypes.data), ours.nbytes)
+    ref = np.zeros_like(out)
+    tr.from_float_ref(ffi.cast("float *", x.ctypes.data), ffi.cast("void *", ref.ctypes.data), x.size)
+    np.testing.assert_array_equal(ref, codec.quantize(x, T))
+
+
+def test_cpu_dot_kernels_match_exact_dot(patched) -> None:  # noqa: F811
+    """ggml_vec_dot_qr5_k128_q8_1 (AVX2 in this x86 build) and its generic twin against the exact float dot of the
+    two decoded operands (our QR5_K128 decoding, Q8_1 decoded as d8 * q8)."""
+    from cffi import FFI
+
+    ffi = FFI()
+    ffi.cdef("""
+        void ggml_vec_dot_qr5_k128_q8_1(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy, size_t by, int nrc);
+        void ggml_vec_dot_qr5_k128_q8_1_generic(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy, size_t by, int nrc);
+        void quantize_row_q8_1(const float * x, void * y, int64_t k);
+        void ggml_cpu_init(void);
+    """)
+    lib = ffi.dlopen(str(patched.lib_dir / "libggml-cpu.so"))
+    lib.ggml_cpu_init()
+    rng = np.random.default_rng(2)
+    n = 896
+    for trial in range(5):
+        x = (rng.standard_t(3, (1, n)) * 0.05).astype(np.float32)
+        a = rng.standard_normal(n).astype(np.float32) * (10.0 ** (trial - 2))
+        xq = codec.quantize(x, T)
+        yq = np.zeros(n // 32 * 36, np.uint8)  # block_q8_1: fp16 d, fp16 s, int8 qs[32]
+        lib.quantize_row_q8_1(ffi.cast("float *", a.ctypes.data), ffi.cast("void *", yq.ctypes.data), n)
+        blocks = yq.reshape(-1, 36)
+        d8 = blocks[:, 0:2].copy().view(np.float16).astype(np.float64)
+        q8 = blocks[:, 4:].view(np.int8).astype(np.float64)
+        exact = float((codec.dequantize(xq, T, n).astype(np.float64).reshape(-1, 32) * (d8 * q8)).sum())
+        got = {}
+        for fn in ("ggml_vec_dot_qr5_k128_q8_1", "ggml_vec_dot_qr5_k128_q8_1_generic"):
+            s = ffi.new("float *")
+            getattr(lib, fn)(n, s, 0, ffi.cast("void *", xq.ctypes.data), 0, ffi.cast("void *", yq.ctypes.data), 0, 1)
+            got[fn] = s[0]
+        scale = float(np.abs(codec.dequantize(xq, T, n)).max() * np.abs(a).max() * n)
+        for fn, v in got.items():  # float32 accumulation and the fp16 s of Q8_1 (min term)
+            assert abs(v - exact) < 2e-3 * scale, (trial, fn, v, exact)
+
+
+def test_patched_llama_runs_and_matches_reference(patched, k128_file, tiny, tmp_path) -> None:  # noqa: F811
+    """Patched llama.cpp on the QR4_K_M file (QR5_K128 in every layer matrix and token_embd) vs an HF float32
+    forward pass with the file's dequantized weights. The gap is llama.cpp's Q8_1 activation quantization; the
+    stock Q4_K_M file of the same model (Q5_0 where we put QR5_K128: upstream kernels only) measures that noise.
+    Measured (73 tokens): KLD(llama || dequantized reference) 1.98e-4 (QR4_K_M) vs 1.82e-4 (Q4_K_M); KLD vs the
+    unquantized model 0.0111 vs 0.0143."""
+    from qrealign_gguf.llama_logits import logits, tokenize
+
+    text = ("The quick brown fox jumps over the lazy dog, then naps. " * 4
+            + "Once upon a time there was a small village by the sea where fishermen told stories.")
+    tokens = tokenize(k128_file, text, build=patched)
+    stock_mix = tmp_path / "tiny-Q4_K_M.gguf"
+    convert(tiny, stock_mix, ConvertOptions(outtype="Q4_K_M"))
+    full = _reference_logits(tiny, None, tokens)
+    res = {}
+    for name, f in (("QR4_K_M", k128_file), ("Q4_K_M", stock_mix)):
+        got = logits(f, tokens, build=patched)
+        assert np.isfinite(got).all()
+        want = _reference_logits(tiny, f, tokens)
+        res[name] = {"max_diff": float(np.abs(got - want).max()), "kld_vs_dequant": _kld(want, got),
+                     "kld_vs_float": _kld(full, got)}
+    print(f"patched llama.cpp, {len(tokens)} tokens: {res}")
+    noise = res["Q4_K_M"]
+    assert res["QR4_K_M"]["kld_vs_dequant"] < 2 * noise["kld_vs_dequant"] + 1e-5, res
+    assert res["QR4_K_M"]["max_diff"] < 2 * noise["max_diff"] + 1e-3, res
+    assert res["QR4_K_M"]["kld_vs_float"] < res["Q4_K_M"]["kld_vs_float"], res  # QR5_K128 beats Q5_0
+
+
+# ---- realignment targets QR5_K128 ------------------------------------------------------------------
+
+def test_realign_writes_qr5k128_blocks(tiny, tmp_path) -> None:
+    """The Q-realign pipeline learns QR5_K128 blocks (through formats/simulate.py) and the file holds them."""
+    from qrealign_gguf.convert import make_plan
+    from qrealign_gguf.realign.calibrate import RealignSettings
+    from qrealign_gguf.realign.pipeline import realign_model
+    from tiny_models import planted_probes
+
+    n = 4
+    probes = planted_probes(tiny, n, target_benign=-3.0)
+    out = tmp_path / "realigned-QR4_K_M.qrealign.gguf"
+    plan = make_plan(tiny, out, ConvertOptions(outtype="QR4_K_M"))
+    packed = realign_model(tiny, plan, probes, RealignSettings(harm_weight=1.0, iters=4, n_benign=n, n_harmful=n,
+                                                               margin=1.0, batch=4),
+                           checkpoint_dir=tmp_path / "ckpt")
+    k128 = [p.source for p in plan.tensors if p.qtype.name == "QR5_K128" and p.source.name.startswith("blk.")]
+    assert k128 and all(s.name in packed for s in k128)
+    changed = sum(int((codec.unpack(packed[s.name], T, s.shape[-1]).q
+                       != codec.unpack(codec.quantize(s.load(), T), T, s.shape[-1]).q).sum()) for s in k128)
+    assert changed > 0
+    convert(tiny, out, ConvertOptions(outtype="QR4_K_M", packed=packed))  # verify_packed reads it back
