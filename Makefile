@@ -39,7 +39,7 @@ llama:
 	@command -v ccache >/dev/null || { [ "$$(id -u)" = 0 ] && (apt-get install -y -qq ccache >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq ccache) >/dev/null 2>&1) || true; }
 	PYTHON=$(VPY) bash tools/build_llama.sh stock >/dev/null
 
-# the same llama.cpp with native/llama_patches/*.patch (custom GGUF types, e.g. QR4_KO), its own cache key
+# the same llama.cpp with native/llama_patches/*.patch (custom GGUF types QR4_KO, QR5_K128), its own cache key
 llama-patched: llama
 	PYTHON=$(VPY) bash tools/build_llama.sh patched >/dev/null
 

@@ -35,12 +35,12 @@ int qr_dequantize(int type, const void *src, float *dst, int64_t nrows, int64_t 
  * blocks per row and nsub sub-blocks per block:
  *   q    : nrows*ncols uint8 integer codes, in the type's unsigned code range
  *          (Q4_0/Q4_1/IQ4_NL: 0..15, Q5_0/Q5_1: 0..31, Q8_0: int8 stored as uint8 two's complement,
- *           Q2_K: 0..3, Q3_K: 0..7, Q4_K: 0..15, Q5_K: 0..31, Q6_K: 0..63)
+ *           Q2_K: 0..3, Q3_K: 0..7, Q4_K: 0..15, Q5_K: 0..31, Q6_K: 0..63; qrealign's QR5_K128: 0..31)
  *   d    : nrows*nb fp16 bit patterns: the block's (super-)scale d
- *   dmin : nrows*nb fp16 bit patterns for types with a min (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K), else NULL
+ *   dmin : nrows*nb fp16 bit patterns for types with a min (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K, QR5_K128), else NULL
  *   sc   : nrows*nb*nsub sub-block scale codes for K-quants (Q2_K: 0..15 (nsub=16), Q3_K: 0..63 (16),
- *          Q4_K/Q5_K: 0..63 (8), Q6_K: int8 two's complement (16)) or IQ4_NL: NULL; else NULL
- *   mn   : nrows*nb*nsub sub-block min codes (Q2_K: 0..15, Q4_K/Q5_K: 0..63), else NULL
+ *          Q4_K/Q5_K: 0..63 (8), Q6_K: int8 two's complement (16), QR5_K128: 0..63 (4)); else NULL
+ *   mn   : nrows*nb*nsub sub-block min codes (Q2_K: 0..15, Q4_K/Q5_K/QR5_K128: 0..63), else NULL
  * Code meaning follows ggml's dequantization formula of the type exactly. */
 int qr_pack(int type, const uint8_t *q, const uint16_t *d, const uint16_t *dmin,
             const uint8_t *sc, const uint8_t *mn, void *dst, int64_t nrows, int64_t ncols);

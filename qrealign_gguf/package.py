@@ -8,7 +8,7 @@ readable without our tools and verifiable on the device:
                                and the evaluation summary when --eval report.json is given
     <stem>/README.md           model card: what it is, how it was made, how to run it, what was measured
     <stem>/SHA256SUMS          `sha256sum -c SHA256SUMS` on the device
-    <stem>/llama_patches/      only for files with qrealign's custom tensor types (QR4_KO): the patches that make the
+    <stem>/llama_patches/      only for files with qrealign's custom tensor types (QR4_KO, QR5_K128): the patches that make the
     <stem>/BUILD.md            pinned llama.cpp run them, and how to build that for a device (CPU-only ARM, x86)
 
 The tar is uncompressed (quantized weights do not compress) and reproducible: every member's mtime is the GGUF's.

@@ -387,6 +387,7 @@ def test_gpu_check_source_bundle_fits_the_device_tool(tmp_path) -> None:
     assert out.stat().st_size < 40 * 2**20
     with tarfile.open(out) as t:
         tbo = t.extractfile("llama.cpp/tests/test-backend-ops.cpp").read().decode()
-        assert "GGML_TYPE_QR4_KO" in tbo
-        assert "vec_dot_qr4_ko_q8_1" in t.extractfile("llama.cpp/ggml/src/ggml-cuda/vecdotq.cuh").read().decode()
+        assert "GGML_TYPE_QR4_KO" in tbo and "GGML_TYPE_QR5_K128" in tbo
+        vecdot = t.extractfile("llama.cpp/ggml/src/ggml-cuda/vecdotq.cuh").read().decode()
+        assert "vec_dot_qr4_ko_q8_1" in vecdot and "vec_dot_qr5_k128_q8_1" in vecdot
 

@@ -1,11 +1,12 @@
-"""Speed of qrealign's custom tensor type in the patched llama.cpp: llama-bench on QR4_KO vs Q4_K_M vs Q5_K_M.
+"""Speed of qrealign's custom tensor types in the patched llama.cpp: llama-bench on the custom outtypes vs Q4_K_M.
 
-    .venv/bin/python tools/bench_custom_type.py --model DIR_OR_NAME [--out out/bench_custom] [--threads 2]
+    .venv/bin/python tools/bench_custom_type.py --model DIR_OR_NAME [--types Q4_K_M,QR4_K_M,...]
+        [--out out/bench_custom] [--threads 2] [--reps 3]
 
-Converts the model three ways with `qrealign-gguf convert` (reused when present), then runs the PATCHED build's
-llama-bench on each file in the same run (prompt processing pp128 and decode tg32, 3 repetitions, CPU only)
-and prints tokens/s with the ratio to Q4_K_M, plus each file's bits per weight and the share of weights that
-are actually QR4_KO (rows not a multiple of 256 fall back to Q5_0, so on small models only some matrices are).
+Converts the model once per outtype with `qrealign-gguf convert` (reused when present), then runs the PATCHED
+build's llama-bench on each file in the same run (prompt processing pp128 and decode tg32, CPU only) and prints
+tokens/s with the ratio to the first type, plus each file's bits per weight and the share of weights that are
+in a custom type (QR4_KO needs rows of 256*k, QR5_K128 rows of 128*odd: on a given model only some matrices are).
 The patched build runs the standard types with stock code, so Q4_K_M / Q5_K_M are the fair peers.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from qrealign_gguf.llama_runtime import find_llama  # noqa: E402
 from fetch_model import model_dir  # noqa: E402
 
 CLI = str(ROOT / ".venv" / "bin" / "qrealign-gguf")
-TYPES = ("Q4_K_M", "Q5_K_M", "QR4_KO")
+TYPES = "Q4_K_M,QR4_K_M,Q5_K_M,QR5_K_M,QR4_KO"
 
 
 def bench(build, f: Path, threads: int, reps: int) -> dict[str, float]:  # noqa: ANN001 - LlamaBuild
@@ -49,6 +50,7 @@ def bench(build, f: Path, threads: int, reps: int) -> dict[str, float]:  # noqa:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="HF model directory, or a fetch_model.py name (e.g. qwen05)")
+    ap.add_argument("--types", default=TYPES, help="outtypes, the first is the ratios' base")
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "bench_custom")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
@@ -58,19 +60,20 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     build = find_llama("patched")
     rows = {}
-    for t in TYPES:
+    for t in a.types.split(","):
         f = a.out / f"{src.name}-{t}.gguf"
         if not f.exists():
             subprocess.run([CLI, "convert", str(src), "--outtype", t, "-o", str(f)], check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         s = read_gguf_summary(f)
-        ko = sum(int(np.prod(r.shape)) for r in s.tensors if r.type_name == "QR4_KO")
-        rows[t] = {"bpw": s.bits_per_weight, "qr4ko_share": ko / max(s.n_params, 1), **bench(build, f, a.threads, a.reps)}
-    base = rows["Q4_K_M"]
+        custom = sum(int(np.prod(r.shape)) for r in s.tensors if r.custom)
+        rows[t] = {"bpw": s.bits_per_weight, "custom_share": custom / max(s.n_params, 1),
+                   **bench(build, f, a.threads, a.reps)}
+    base = next(iter(rows.values()))
     print(f"{src.name}, patched llama.cpp llama-bench, {a.threads} threads, {a.reps} reps")
-    print(f"{'type':8} {'bpw':>6} {'QR4_KO share':>12} {'pp128 t/s':>12} {'ratio':>6} {'tg32 t/s':>10} {'ratio':>6}")
+    print(f"{'type':8} {'bpw':>6} {'custom share':>12} {'pp128 t/s':>12} {'ratio':>6} {'tg32 t/s':>10} {'ratio':>6}")
     for t, r in rows.items():
-        print(f"{t:8} {r['bpw']:6.3f} {r['qr4ko_share']:12.1%} {r['pp128']:8.1f}±{r['pp128_sd']:<4.1f}"
+        print(f"{t:8} {r['bpw']:6.3f} {r['custom_share']:12.1%} {r['pp128']:8.1f}±{r['pp128_sd']:<4.1f}"
               f"{r['pp128'] / base['pp128']:6.2f} {r['tg32']:7.1f}±{r['tg32_sd']:<3.1f}{r['tg32'] / base['tg32']:6.2f}")
     if a.json:
         a.json.write_text(json.dumps({"model": str(src), "threads": a.threads, "rows": rows}, indent=1))

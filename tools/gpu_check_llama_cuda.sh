@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The GPU check of native/llama_patches' CUDA kernels (QR4_KO), in two steps because the device machine
+# The GPU check of native/llama_patches' CUDA kernels (QR4_KO, QR5_K128), in two steps because the device machine
 # (the `device` tool) can download nothing and takes at most 64 MiB of working tree:
 #   here:          tools/gpu_check_llama_cuda.sh prepare            -> out/gpu-src/llama-src.tar.gz (patched
 #                  vendored llama.cpp without its vocab models, ~25 MiB; out/ is git-ignored: carry it)
 #   on the device: tools/gpu_check_llama_cuda.sh run [LOGDIR]      builds ggml-cuda for the local GPU
 #                  (no FlashAttention kernels, to fit a short lease) + test-backend-ops, then runs
-#                  `test-backend-ops test -b CUDA0 -p qr4_ko`: every op the CUDA backend accepts for QR4_KO
-#                  (MUL_MAT through MMVQ and cuBLAS, MUL_MAT_ID, GET_ROWS, CPY) against the CPU backend.
-# Exit status: test-backend-ops'. Device call, e.g.:
+#                  `test-backend-ops test -b CUDA0 -p qr4_ko` and `-p qr5_k128`: every op the CUDA backend
+#                  accepts for the custom types (MUL_MAT through MMVQ and cuBLAS, MUL_MAT_ID, GET_ROWS, CPY)
+#                  against the CPU backend.
+# Exit status: 0 when both test-backend-ops runs pass. Device call, e.g.:
 #   run(command="bash tools/gpu_check_llama_cuda.sh run $OUT", carry=["out/gpu-src"], timeout_s=580)
 set -euo pipefail
 VERSION=0.3.36
@@ -38,7 +39,11 @@ case "${1:-}" in
     cmake --build "$L/build" -j"$(nproc)" --target test-backend-ops > "$logdir/build.log" 2>&1 \
         || { grep -B2 -A8 -m5 "error" "$logdir/build.log"; exit 3; }
     echo "build: $(( $(date +%s) - start )) s"
-    "$L/build/bin/test-backend-ops" test -b CUDA0 -p qr4_ko 2>&1 | tee "$logdir/test-backend-ops.log" | tail -25
+    rc=0
+    for t in qr4_ko qr5_k128; do
+      "$L/build/bin/test-backend-ops" test -b CUDA0 -p "$t" 2>&1 | tee "$logdir/test-backend-ops-$t.log" | tail -25 || rc=1
+    done
+    exit $rc
     ;;
   *) echo "usage: $0 prepare | run [LOGDIR]"; exit 2 ;;
 esac
