@@ -80,10 +80,34 @@ def test_default_name_says_custom_only_when_it_is(tiny, tmp_path) -> None:
     assert make_plan(wide, tmp_path, ConvertOptions(outtype="QR5_K_M")).output.name.endswith("-QR5_K_M.gguf")
 
 
-def test_stock_llama_refuses(k128_file, llama) -> None:
+def test_cli_warns_and_inspect_reads(tiny, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from qrealign_gguf.cli import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["convert", str(tiny), "-o", str(tmp_path), "--outtype", "qr4_k_m"])
+    assert r.exit_code == 0, r.output
+    files = list(tmp_path.glob("*.gguf"))
+    assert len(files) == 1 and files[0].name.endswith("-QR4_K_M.qrealign.gguf"), files
+    assert "QR5_K128 (id 241)" in r.stderr and "stock llama.cpp" in r.stderr.lower() and "qrealign-gguf run" in r.stderr
+    r = runner.invoke(app, ["inspect", str(files[0])])
+    assert r.exit_code == 0, r.output
+    assert "QR5_K128" in r.stdout
+    note = [ln for ln in r.stderr.splitlines() if "custom tensor type" in ln]
+    assert len(note) == 1 and "qrealign-gguf run" in note[0]
+
+
+def test_stock_llama_refuses_and_we_explain(k128_file, llama) -> None:
     res = subprocess.run([str(llama.bin("llama-completion")), "-m", str(k128_file), "-p", "hi", "-n", "1", "-no-cnv"],
                          env=llama.env(), capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "invalid ggml type 241" in res.stderr
+    from qrealign_gguf.llama_logits import LlamaCallError, logits
+
+    with pytest.raises(LlamaCallError) as ei:
+        logits(k128_file, [1, 2, 3], build=llama)
+    msg = str(ei.value)
+    assert len(msg.splitlines()) == 1 and "QR5_K128" in msg and "qrealign-gguf run" in msg, msg
 
 
 # ---- the patched llama.cpp -------------------------------------------------------------------------
