@@ -20,7 +20,7 @@ int main(int argc, char **argv) {
     const kinfo k = qrk_info(type);
     const bool ko = type == QR_QR4_KO;
     if (f.type < 0 && k.type < 0 && !ko) return 3;
-    const int64_t block = f.type >= 0 ? QRL_QB : QK_K, size = f.type >= 0 ? f.size : ko ? QR4_KO_SIZE : k.size;
+    const int64_t block = f.type >= 0 ? QRL_QB : ko ? QK_K : k.n, size = f.type >= 0 ? f.size : ko ? QR4_KO_SIZE : k.size;
     if (ncols % block) return 4;
     std::vector<float> x(nrows * ncols), im(has_im ? ncols : 0), y(nrows * ncols);
     std::vector<uint8_t> q(nrows * (ncols / block) * size);
@@ -41,8 +41,8 @@ int main(int argc, char **argv) {
             for (int64_t b = 0; b < nb; ++b) qr4ko_quant_block(xr + b * QK_K, imp ? imp + b * QK_K : nullptr, qr + b * size);
             for (int64_t b = 0; b < nb; ++b) qr4ko_dequant_block(qr + b * size, y.data() + r * ncols + b * QK_K);
         } else {
-            for (int64_t b = 0; b < nb; ++b) qrk_quant_block(&k, xr + b * QK_K, imp ? imp + b * QK_K : nullptr, qr + b * size);
-            for (int64_t b = 0; b < nb; ++b) qrk_dequant_block(&k, qr + b * size, y.data() + r * ncols + b * QK_K);
+            for (int64_t b = 0; b < nb; ++b) qrk_quant_block(&k, xr + b * block, imp ? imp + b * block : nullptr, qr + b * size);
+            for (int64_t b = 0; b < nb; ++b) qrk_dequant_block(&k, qr + b * size, y.data() + r * ncols + b * block);
         }
     }
     fwrite(q.data(), 1, q.size(), stdout);
