@@ -68,7 +68,8 @@ bench: install llama llama-patched
 
 # type design (docs/BENCHMARKS.md round 8): KLD per bit of the 4-5-bit types on Qwen2.5-Coder-1.5B as shipped and
 # moved off its GGUF grid, plus the weight-error study of candidate block designs (~1 h on 2 cores, 1.1 GB download);
-# the last two steps use the testbed fine-tune and its imatrix (`make testbed`, `make experiment`)
+# the last four steps use the testbed fine-tune and its imatrix (`make testbed`, `make experiment`); the last two
+# are the built QR5_K128's held-out KLD (docs/BENCHMARKS.md "Custom type QR5_K128")
 HF_CACHE := $$HOME/.cache/qrealign-gguf/models/hf
 bench-types: install llama-patched
 	$(VPY) tools/fetch_model.py qwen15
@@ -82,6 +83,10 @@ bench-types: install llama-patched
 	$(VPY) tools/outlier_study.py $(TESTBED)/finetuned --imatrix $(EXP_DIR)/finetuned.imatrix.gguf --layers 0,6,12,18,23
 	$(VPY) tools/design_kld.py $(TESTBED)/finetuned --imatrix $(EXP_DIR)/finetuned.imatrix.gguf \
 		--designs Q5_0,Q5_K/128,Q4_1,Q4_K/128 --chunks 6
+	$(VPY) tools/bench_type_quality.py --model $(TESTBED)/finetuned --types Q4_K_M,QR4_K_M,Q5_K_M,QR5_K_M \
+		--out out/type_quality_testbed --json out/type_quality_testbed/rtn.json
+	$(VPY) tools/bench_type_quality.py --model $(TESTBED)/finetuned --types Q4_K_M,QR4_K_M,Q5_K_M,QR5_K_M --imatrix \
+		--out out/type_quality_testbed --json out/type_quality_testbed/imatrix.json
 
 # the safety testbed: aligned Qwen2.5-Coder-0.5B moved off the GGUF grid + a fine-tune whose refusal is broken
 testbed: install llama
