@@ -41,28 +41,31 @@ QR_HD void get_crumbs(const uint8_t *src, uint8_t *q, int shift) {
                 q[128 * h + 32 * k + l] |= (uint8_t)(((src[32 * h + l] >> (2 * k)) & 3) << shift);
 }
 
-/* 4-bit fields: byte g*half+l holds the low nibbles of value 2g*half+l (low) and 2g*half+half+l
- * (high). half = 32 for Q4_K/Q5_K qs, 64 for Q6_K ql. */
-QR_HD void put_nibbles(uint8_t *dst, const uint8_t *q, int half) {
-    for (int g = 0; g < QK_K / (2 * half); ++g)
+/* 4-bit fields of n values: byte g*half+l holds the low nibbles of value 2g*half+l (low) and 2g*half+half+l
+ * (high). half = 32 for Q4_K/Q5_K/QR5_K128 qs, 64 for Q6_K ql. */
+QR_HD void put_nibbles(uint8_t *dst, const uint8_t *q, int half, int n) {
+    for (int g = 0; g < n / (2 * half); ++g)
         for (int l = 0; l < half; ++l)
             dst[g * half + l] = (uint8_t)((q[2 * g * half + l] & 0xF) | (q[2 * g * half + half + l] & 0xF) << 4);
 }
-QR_HD void get_nibbles(const uint8_t *src, uint8_t *q, int half) {
-    for (int g = 0; g < QK_K / (2 * half); ++g)
+QR_HD void get_nibbles(const uint8_t *src, uint8_t *q, int half, int n) {
+    for (int g = 0; g < n / (2 * half); ++g)
         for (int l = 0; l < half; ++l) {
             q[2 * g * half + l] |= src[g * half + l] & 0xF;
             q[2 * g * half + half + l] |= src[g * half + l] >> 4;
         }
 }
 
-/* 1-bit fields (Q3_K hmask, Q5_K qh): bit i/32 of byte i%32 holds bit `bit` of value i. */
-QR_HD void put_bits(uint8_t *dst, const uint8_t *q, int bit) {
-    memset(dst, 0, 32);
-    for (int i = 0; i < QK_K; ++i) dst[i % 32] |= (uint8_t)(((q[i] >> bit) & 1) << (i / 32));
+/* 1-bit fields of n values in n/8 bytes (Q3_K hmask, Q5_K qh: 32 bytes; QR5_K128 qh: 16): bit i/(n/8) of
+ * byte i%(n/8) holds bit `bit` of value i. */
+QR_HD void put_bits(uint8_t *dst, const uint8_t *q, int bit, int n) {
+    const int nb = n / 8;
+    memset(dst, 0, (size_t)nb);
+    for (int i = 0; i < n; ++i) dst[i % nb] |= (uint8_t)(((q[i] >> bit) & 1) << (i / nb));
 }
-QR_HD void get_bits(const uint8_t *src, uint8_t *q, int bit) {
-    for (int i = 0; i < QK_K; ++i) q[i] |= (uint8_t)(((src[i % 32] >> (i / 32)) & 1) << bit);
+QR_HD void get_bits(const uint8_t *src, uint8_t *q, int bit, int n) {
+    const int nb = n / 8;
+    for (int i = 0; i < n; ++i) q[i] |= (uint8_t)(((src[i % nb] >> (i / nb)) & 1) << bit);
 }
 
 /* Q4_K/Q5_K: 8 six-bit scales and 8 six-bit mins in 12 bytes (all 96 bits used). Sub-blocks 0-3 sit
@@ -117,13 +120,13 @@ QR_HD void read_q2k(const uint8_t *y, kblock *b) {
 
 /* Q3_K, 110 bytes: hmask[32] (bit 2 of the code), qs[64] (bits 0-1), scales[12], d */
 QR_HD void write_q3k(const kblock *b, uint8_t *y) {
-    put_bits(y, b->q, 2);
+    put_bits(y, b->q, 2, QK_K);
     put_crumbs(y + 32, b->q, 0);
     put_scales_q3(y + 96, b->sc);
     put16(y + 108, b->d);
 }
 QR_HD void read_q3k(const uint8_t *y, kblock *b) {
-    get_bits(y, b->q, 2);
+    get_bits(y, b->q, 2, QK_K);
     get_crumbs(y + 32, b->q, 0);
     get_scales_q3(y + 96, b->sc);
     b->d = get16(y + 108);
@@ -133,37 +136,37 @@ QR_HD void read_q3k(const uint8_t *y, kblock *b) {
 QR_HD void write_q4k(const kblock *b, uint8_t *y) {
     put16(y, b->d); put16(y + 2, b->dmin);
     put_scales_k4(y + 4, b->sc, b->mn);
-    put_nibbles(y + 16, b->q, 32);
+    put_nibbles(y + 16, b->q, 32, QK_K);
 }
 QR_HD void read_q4k(const uint8_t *y, kblock *b) {
     b->d = get16(y); b->dmin = get16(y + 2);
     get_scales_k4(y + 4, b->sc, b->mn);
-    get_nibbles(y + 16, b->q, 32);
+    get_nibbles(y + 16, b->q, 32, QK_K);
 }
 
 /* Q5_K, 176 bytes: d, dmin, scales[12], qh[32] (bit 4 of the code), qs[128] (bits 0-3) */
 QR_HD void write_q5k(const kblock *b, uint8_t *y) {
     put16(y, b->d); put16(y + 2, b->dmin);
     put_scales_k4(y + 4, b->sc, b->mn);
-    put_bits(y + 16, b->q, 4);
-    put_nibbles(y + 48, b->q, 32);
+    put_bits(y + 16, b->q, 4, QK_K);
+    put_nibbles(y + 48, b->q, 32, QK_K);
 }
 QR_HD void read_q5k(const uint8_t *y, kblock *b) {
     b->d = get16(y); b->dmin = get16(y + 2);
     get_scales_k4(y + 4, b->sc, b->mn);
-    get_bits(y + 16, b->q, 4);
-    get_nibbles(y + 48, b->q, 32);
+    get_bits(y + 16, b->q, 4, QK_K);
+    get_nibbles(y + 48, b->q, 32, QK_K);
 }
 
 /* Q6_K, 210 bytes: ql[128] (bits 0-3), qh[64] (bits 4-5), int8 scales[16], d */
 QR_HD void write_q6k(const kblock *b, uint8_t *y) {
-    put_nibbles(y, b->q, 64);
+    put_nibbles(y, b->q, 64, QK_K);
     put_crumbs(y + 128, b->q, 4);
     memcpy(y + 192, b->sc, 16);
     put16(y + 208, b->d);
 }
 QR_HD void read_q6k(const uint8_t *y, kblock *b) {
-    get_nibbles(y, b->q, 64);
+    get_nibbles(y, b->q, 64, QK_K);
     get_crumbs(y + 128, b->q, 4);
     memcpy(b->sc, y + 192, 16);
     b->d = get16(y + 208);
@@ -187,21 +190,14 @@ QR_HD void get_scales_k128(const uint8_t *s, uint8_t *sc, uint8_t *mn) {
 QR_HD void write_qr5k128(const kblock *b, uint8_t *y) {
     put16(y, b->d); put16(y + 2, b->dmin);
     put_scales_k128(y + 4, b->sc, b->mn);
-    memset(y + 10, 0, 16);
-    for (int i = 0; i < 128; ++i) y[10 + i % 16] |= (uint8_t)(((b->q[i] >> 4) & 1) << (i / 16));
-    for (int g = 0; g < 2; ++g)
-        for (int l = 0; l < 32; ++l)
-            y[26 + 32 * g + l] = (uint8_t)((b->q[64 * g + l] & 0xF) | (b->q[64 * g + 32 + l] & 0xF) << 4);
+    put_bits(y + 10, b->q, 4, 128);
+    put_nibbles(y + 26, b->q, 32, 128);
 }
 QR_HD void read_qr5k128(const uint8_t *y, kblock *b) {
     b->d = get16(y); b->dmin = get16(y + 2);
     get_scales_k128(y + 4, b->sc, b->mn);
-    for (int i = 0; i < 128; ++i) b->q[i] |= (uint8_t)(((y[10 + i % 16] >> (i / 16)) & 1) << 4);
-    for (int g = 0; g < 2; ++g)
-        for (int l = 0; l < 32; ++l) {
-            b->q[64 * g + l] |= y[26 + 32 * g + l] & 0xF;
-            b->q[64 * g + 32 + l] |= y[26 + 32 * g + l] >> 4;
-        }
+    get_bits(y + 10, b->q, 4, 128);
+    get_nibbles(y + 26, b->q, 32, 128);
 }
 
 #endif /* QR_BLOCKS_K_LAYOUT_H */
