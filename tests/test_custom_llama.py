@@ -239,6 +239,26 @@ def _reference_logits(hf_dir: Path, gguf_file: Path | None, tokens: list[int]) -
         return model(torch.tensor([tokens])).logits[0].float().numpy()
 
 
+def _llama_vs_reference(build: LlamaBuild, hf_dir: Path, files: dict[str, Path]) -> dict[str, dict[str, float]]:
+    """llama.cpp's logits of each file on a fixed text vs the HF float32 pass with that file's dequantized weights
+    (max |diff|, KLD) and vs the unquantized model (KLD); printed and returned by name."""
+    from qrealign_gguf.llama_logits import logits, tokenize
+
+    text = ("The quick brown fox jumps over the lazy dog, then naps. " * 4
+            + "Once upon a time there was a small village by the sea where fishermen told stories.")
+    tokens = tokenize(next(iter(files.values())), text, build=build)
+    full = _reference_logits(hf_dir, None, tokens)
+    res = {}
+    for name, f in files.items():
+        got = logits(f, tokens, build=build)
+        assert np.isfinite(got).all()
+        want = _reference_logits(hf_dir, f, tokens)
+        res[name] = {"max_diff": float(np.abs(got - want).max()), "kld_vs_dequant": _kld(want, got),
+                     "kld_vs_float": _kld(full, got)}
+    print(f"patched llama.cpp, {len(tokens)} tokens: {res}")
+    return res
+
+
 def test_patched_llama_runs_qr4ko_and_matches_reference(patched, ko_file, tiny, tmp_path) -> None:
     """Patched llama.cpp on QR4_KO files vs an HF float32 forward pass with the files' dequantized weights.
     The difference comes from llama.cpp quantizing activations to Q8_K for the mat-muls; the same comparison on
@@ -246,24 +266,11 @@ def test_patched_llama_runs_qr4ko_and_matches_reference(patched, ko_file, tiny, 
     Measured (seed 0, 73 tokens): KLD(llama || dequantized reference) 1.8e-4 (QR4_KO), 1.7e-4 (pure QR4_KO),
     1.8e-4 (pure Q4_K); KLD vs the unquantized model 1.55e-2 / 1.44e-2 / 2.11e-2. Argmax agreement is no
     criterion here: the random tiny model's top-1 margins are ~0.1 logit, the size of the Q8_K noise."""
-    from qrealign_gguf.llama_logits import logits, tokenize
-
-    text = ("The quick brown fox jumps over the lazy dog, then naps. " * 4
-            + "Once upon a time there was a small village by the sea where fishermen told stories.")
-    tokens = tokenize(ko_file, text, build=patched)
     q4 = tmp_path / "tiny-Q4_K-pure.gguf"  # every matrix Q4_K (upstream kernels only)
     convert(tiny, q4, ConvertOptions(outtype="Q4_K_M", pure=True))
     ko_pure = tmp_path / "tiny-QR4_KO-pure.qrealign.gguf"  # every matrix QR4_KO: get_rows on token_embd too
     convert(tiny, ko_pure, ConvertOptions(outtype="QR4_KO", pure=True))
-    full = _reference_logits(tiny, None, tokens)
-    res = {}
-    for name, f in (("QR4_KO", ko_file), ("QR4_KO-pure", ko_pure), ("Q4_K-pure", q4)):
-        got = logits(f, tokens, build=patched)
-        assert np.isfinite(got).all()
-        want = _reference_logits(tiny, f, tokens)
-        res[name] = {"max_diff": float(np.abs(got - want).max()), "kld_vs_dequant": _kld(want, got),
-                     "kld_vs_float": _kld(full, got)}
-    print(f"patched llama.cpp, {len(tokens)} tokens: {res}")
+    res = _llama_vs_reference(patched, tiny, {"QR4_KO": ko_file, "QR4_KO-pure": ko_pure, "Q4_K-pure": q4})
     noise = res["Q4_K-pure"]
     for name in ("QR4_KO", "QR4_KO-pure"):
         r = res[name]
@@ -316,20 +323,25 @@ def test_cli_run_uses_patched_build(patched, ko_file) -> None:
 
 # ---- realignment targets QR4_KO --------------------------------------------------------------------
 
-def test_realign_writes_qr4ko_blocks(tiny, tmp_path) -> None:
-    """The Q-realign pipeline learns QR4_KO's Q4_K part (outliers fixed) and the file holds its blocks."""
+def _realign_tiny(hf_dir: Path, tmp_path: Path, outtype: str):  # noqa: ANN202 - (convert.Plan, packed)
+    """A short Q-realign run (planted probes, 4 prompts each, 4 steps) of a tiny model into `outtype`."""
     from qrealign_gguf.convert import make_plan
     from qrealign_gguf.realign.calibrate import RealignSettings
     from qrealign_gguf.realign.pipeline import realign_model
     from tiny_models import planted_probes
 
     n = 4
-    probes = planted_probes(tiny, n, target_benign=-3.0)
-    out = tmp_path / "realigned-QR4_KO.qrealign.gguf"
-    plan = make_plan(tiny, out, ConvertOptions(outtype="QR4_KO"))
-    packed = realign_model(tiny, plan, probes, RealignSettings(harm_weight=1.0, iters=4, n_benign=n, n_harmful=n,
-                                                               margin=1.0, batch=4),
+    probes = planted_probes(hf_dir, n, target_benign=-3.0)
+    plan = make_plan(hf_dir, tmp_path / f"realigned-{outtype}.qrealign.gguf", ConvertOptions(outtype=outtype))
+    packed = realign_model(hf_dir, plan, probes, RealignSettings(harm_weight=1.0, iters=4, n_benign=n, n_harmful=n,
+                                                                 margin=1.0, batch=4),
                            checkpoint_dir=tmp_path / "ckpt")
+    return plan, packed
+
+
+def test_realign_writes_qr4ko_blocks(tiny, tmp_path) -> None:
+    """The Q-realign pipeline learns QR4_KO's Q4_K part (outliers fixed) and the file holds its blocks."""
+    plan, packed = _realign_tiny(tiny, tmp_path, "QR4_KO")
     ko = [p.source for p in plan.tensors if p.qtype.name == "QR4_KO"]
     assert ko and all(s.name in packed for s in ko)
     changed = 0
@@ -340,7 +352,7 @@ def test_realign_writes_qr4ko_blocks(tiny, tmp_path) -> None:
         np.testing.assert_array_equal(got.oval.view(np.uint16), start.oval.view(np.uint16))
         changed += int((got.q != start.q).sum())
     assert changed > 0  # the Q4_K part did move
-    convert(tiny, out, ConvertOptions(outtype="QR4_KO", packed=packed))  # verify_packed reads it back (custom reader)
+    convert(tiny, plan.output, ConvertOptions(outtype="QR4_KO", packed=packed))  # verify_packed reads it back (custom reader)
 
 
 def test_eval_runs_custom_type_files_in_the_patched_build(patched, ko_file, tmp_path) -> None:

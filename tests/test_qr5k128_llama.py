@@ -18,7 +18,7 @@ from qrealign_gguf.formats.types import qtype
 from qrealign_gguf.gguf_read import GGUFReader
 from qrealign_gguf.plan import PlanInput, plan_types
 
-from test_custom_llama import _ggml, _kld, _reference_logits, patched  # noqa: F401 - patched: a fixture
+from test_custom_llama import _ggml, _llama_vs_reference, _realign_tiny, patched  # noqa: F401 - patched: a fixture
 from tiny_models import make_tiny_llama
 
 T = qtype("QR5_K128")
@@ -141,37 +141,58 @@ def test_patched_ggml_traits_to_float_and_quantizer(patched_ggml) -> None:
     np.testing.assert_array_equal(ref, codec.quantize(x, T))
 
 
-def test_cpu_dot_kernels_match_exact_dot(patched) -> None:  # noqa: F811
+# Runs in a child process: a libggml-cpu opened here would bind to whichever libggml-base.so.0 this pytest worker
+# loaded first (the stock build's, after a stock-llama test) and miss the patched symbols.
+_DOT_CHILD = r"""
+import sys
+import numpy as np
+from cffi import FFI
+
+ffi = FFI()
+ffi.cdef('''
+    void ggml_vec_dot_qr5_k128_q8_1(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy, size_t by, int nrc);
+    void ggml_vec_dot_qr5_k128_q8_1_generic(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy, size_t by, int nrc);
+    void quantize_row_q8_1(const float * x, void * y, int64_t k);
+    void ggml_cpu_init(void);
+''')
+lib = ffi.dlopen(sys.argv[1])
+lib.ggml_cpu_init()
+d = np.load(sys.argv[2])
+a, xq = np.ascontiguousarray(d["a"]), np.ascontiguousarray(d["xq"])
+n = a.size
+yq = np.zeros(n // 32 * 36, np.uint8)  # block_q8_1: fp16 d, fp16 s, int8 qs[32]
+lib.quantize_row_q8_1(ffi.cast("float *", a.ctypes.data), ffi.cast("void *", yq.ctypes.data), n)
+got = []
+for fn in ("ggml_vec_dot_qr5_k128_q8_1", "ggml_vec_dot_qr5_k128_q8_1_generic"):
+    s = ffi.new("float *")
+    getattr(lib, fn)(n, s, 0, ffi.cast("void *", xq.ctypes.data), 0, ffi.cast("void *", yq.ctypes.data), 0, 1)
+    got.append(s[0])
+np.savez(sys.argv[3], yq=yq, got=np.array(got, np.float32))
+"""
+
+
+def test_cpu_dot_kernels_match_exact_dot(patched, tmp_path) -> None:  # noqa: F811
     """ggml_vec_dot_qr5_k128_q8_1 (AVX2 in this x86 build) and its generic twin against the exact float dot of the
     two decoded operands (our QR5_K128 decoding, Q8_1 decoded as d8 * q8)."""
-    from cffi import FFI
+    import sys
 
-    ffi = FFI()
-    ffi.cdef("""
-        void ggml_vec_dot_qr5_k128_q8_1(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy, size_t by, int nrc);
-        void ggml_vec_dot_qr5_k128_q8_1_generic(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy, size_t by, int nrc);
-        void quantize_row_q8_1(const float * x, void * y, int64_t k);
-        void ggml_cpu_init(void);
-    """)
-    lib = ffi.dlopen(str(patched.lib_dir / "libggml-cpu.so"))
-    lib.ggml_cpu_init()
     rng = np.random.default_rng(2)
     n = 896
     for trial in range(5):
         x = (rng.standard_t(3, (1, n)) * 0.05).astype(np.float32)
         a = rng.standard_normal(n).astype(np.float32) * (10.0 ** (trial - 2))
         xq = codec.quantize(x, T)
-        yq = np.zeros(n // 32 * 36, np.uint8)  # block_q8_1: fp16 d, fp16 s, int8 qs[32]
-        lib.quantize_row_q8_1(ffi.cast("float *", a.ctypes.data), ffi.cast("void *", yq.ctypes.data), n)
-        blocks = yq.reshape(-1, 36)
+        np.savez(tmp_path / "in.npz", a=a, xq=xq)
+        r = subprocess.run([sys.executable, "-c", _DOT_CHILD, str(patched.lib_dir / "libggml-cpu.so"),
+                            str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
+                           env=patched.env(), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        out = np.load(tmp_path / "out.npz")
+        blocks = out["yq"].reshape(-1, 36)
         d8 = blocks[:, 0:2].copy().view(np.float16).astype(np.float64)
         q8 = blocks[:, 4:].view(np.int8).astype(np.float64)
         exact = float((codec.dequantize(xq, T, n).astype(np.float64).reshape(-1, 32) * (d8 * q8)).sum())
-        got = {}
-        for fn in ("ggml_vec_dot_qr5_k128_q8_1", "ggml_vec_dot_qr5_k128_q8_1_generic"):
-            s = ffi.new("float *")
-            getattr(lib, fn)(n, s, 0, ffi.cast("void *", xq.ctypes.data), 0, ffi.cast("void *", yq.ctypes.data), 0, 1)
-            got[fn] = s[0]
+        got = dict(zip(("ggml_vec_dot_qr5_k128_q8_1", "ggml_vec_dot_qr5_k128_q8_1_generic"), map(float, out["got"])))
         scale = float(np.abs(codec.dequantize(xq, T, n)).max() * np.abs(a).max() * n)
         for fn, v in got.items():  # float32 accumulation and the fp16 s of Q8_1 (min term)
             assert abs(v - exact) < 2e-3 * scale, (trial, fn, v, exact)
@@ -183,22 +204,9 @@ def test_patched_llama_runs_and_matches_reference(patched, k128_file, tiny, tmp_
     stock Q4_K_M file of the same model (Q5_0 where we put QR5_K128: upstream kernels only) measures that noise.
     Measured (73 tokens): KLD(llama || dequantized reference) 1.98e-4 (QR4_K_M) vs 1.82e-4 (Q4_K_M); KLD vs the
     unquantized model 0.0111 vs 0.0143."""
-    from qrealign_gguf.llama_logits import logits, tokenize
-
-    text = ("The quick brown fox jumps over the lazy dog, then naps. " * 4
-            + "Once upon a time there was a small village by the sea where fishermen told stories.")
-    tokens = tokenize(k128_file, text, build=patched)
     stock_mix = tmp_path / "tiny-Q4_K_M.gguf"
     convert(tiny, stock_mix, ConvertOptions(outtype="Q4_K_M"))
-    full = _reference_logits(tiny, None, tokens)
-    res = {}
-    for name, f in (("QR4_K_M", k128_file), ("Q4_K_M", stock_mix)):
-        got = logits(f, tokens, build=patched)
-        assert np.isfinite(got).all()
-        want = _reference_logits(tiny, f, tokens)
-        res[name] = {"max_diff": float(np.abs(got - want).max()), "kld_vs_dequant": _kld(want, got),
-                     "kld_vs_float": _kld(full, got)}
-    print(f"patched llama.cpp, {len(tokens)} tokens: {res}")
+    res = _llama_vs_reference(patched, tiny, {"QR4_K_M": k128_file, "Q4_K_M": stock_mix})
     noise = res["Q4_K_M"]
     assert res["QR4_K_M"]["kld_vs_dequant"] < 2 * noise["kld_vs_dequant"] + 1e-5, res
     assert res["QR4_K_M"]["max_diff"] < 2 * noise["max_diff"] + 1e-3, res
@@ -209,21 +217,10 @@ def test_patched_llama_runs_and_matches_reference(patched, k128_file, tiny, tmp_
 
 def test_realign_writes_qr5k128_blocks(tiny, tmp_path) -> None:
     """The Q-realign pipeline learns QR5_K128 blocks (through formats/simulate.py) and the file holds them."""
-    from qrealign_gguf.convert import make_plan
-    from qrealign_gguf.realign.calibrate import RealignSettings
-    from qrealign_gguf.realign.pipeline import realign_model
-    from tiny_models import planted_probes
-
-    n = 4
-    probes = planted_probes(tiny, n, target_benign=-3.0)
-    out = tmp_path / "realigned-QR4_K_M.qrealign.gguf"
-    plan = make_plan(tiny, out, ConvertOptions(outtype="QR4_K_M"))
-    packed = realign_model(tiny, plan, probes, RealignSettings(harm_weight=1.0, iters=4, n_benign=n, n_harmful=n,
-                                                               margin=1.0, batch=4),
-                           checkpoint_dir=tmp_path / "ckpt")
+    plan, packed = _realign_tiny(tiny, tmp_path, "QR4_K_M")
     k128 = [p.source for p in plan.tensors if p.qtype.name == "QR5_K128" and p.source.name.startswith("blk.")]
     assert k128 and all(s.name in packed for s in k128)
     changed = sum(int((codec.unpack(packed[s.name], T, s.shape[-1]).q
                        != codec.unpack(codec.quantize(s.load(), T), T, s.shape[-1]).q).sum()) for s in k128)
     assert changed > 0
-    convert(tiny, out, ConvertOptions(outtype="QR4_K_M", packed=packed))  # verify_packed reads it back
+    convert(tiny, plan.output, ConvertOptions(outtype="QR4_K_M", packed=packed))  # verify_packed reads it back
