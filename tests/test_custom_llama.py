@@ -6,6 +6,7 @@ cores the first time) or QREALIGN_BUILD_PATCHED=1 asks the test run to build it.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -135,12 +136,18 @@ def test_stock_llama_refuses_and_we_explain(ko_file, llama) -> None:
 
 @pytest.fixture(scope="module")
 def patched_ggml(patched):  # noqa: ANN001, ANN201 - (ffi, lib)
-    """The patched libggml-base, opened ONCE per module: a per-test dlopen let the cffi handle be collected
-    (dlclose) and the next dlopen re-ran ggml's static initializers, which aborted the worker (measured)."""
     return _ggml(patched)
 
 
-def _ggml(build: LlamaBuild):
+def _ggml(build: LlamaBuild):  # noqa: ANN202 - (ffi, lib)
+    return _ggml_lib(str(build.lib_dir))
+
+
+@functools.cache
+def _ggml_lib(lib_dir: str):  # noqa: ANN202 - (ffi, lib)
+    """A libggml-base opened ONCE per process and never closed: when a handle was collected (dlclose) the next
+    dlopen re-ran ggml's static initializers, which aborted the worker (measured: per test, and again per module
+    once tests/test_qr5k128_llama.py opened the same library for its own tests)."""
     from cffi import FFI
 
     ffi = FFI()
@@ -155,7 +162,7 @@ def _ggml(build: LlamaBuild):
         bool ggml_validate_row_data(int type, const void * data, size_t nbytes);
         const char * ggml_type_name(int type);
     """)
-    return ffi, ffi.dlopen(str(build.lib_dir / "libggml-base.so"))
+    return ffi, ffi.dlopen(str(Path(lib_dir) / "libggml-base.so"))
 
 
 def _heavy(rows: int, cols: int, seed: int) -> np.ndarray:

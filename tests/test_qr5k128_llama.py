@@ -113,7 +113,7 @@ def test_stock_llama_refuses_and_we_explain(k128_file, llama) -> None:
 # ---- the patched llama.cpp -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def patched_ggml(patched):  # noqa: ANN001, ANN201, F811 - (ffi, lib); opened once per module (see test_custom_llama)
+def patched_ggml(patched):  # noqa: ANN001, ANN201, F811 - (ffi, lib); one handle per process (test_custom_llama._ggml_lib)
     return _ggml(patched)
 
 
