@@ -11,18 +11,10 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from .chat import chat_ids
 from .imatrix import save_imatrix
 from .models.base import ModelFamily
 from .prompts import load_prompts
-
-
-def _chat_ids(tok, text: str, max_tokens: int) -> list[int]:  # noqa: ANN001 - HF tokenizer
-    if getattr(tok, "chat_template", None):
-        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-    else:
-        ids = tok(text)["input_ids"]
-    return list(ids)[:max_tokens]
 
 
 @torch.inference_mode()
@@ -54,7 +46,7 @@ def compute_importance(family: ModelFamily, calib: str | Path, n_samples: int = 
             hooks.append(module.register_forward_pre_hook(hook))
     n_tokens = 0
     for i, p in enumerate(prompts):
-        ids = _chat_ids(tok, p.text, max_tokens)
+        ids = chat_ids(tok, p.text, max_tokens)
         model(torch.tensor([ids]))
         n_tokens += len(ids)
         if console and (i + 1) % 16 == 0:

@@ -22,6 +22,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
+from ..chat import chat_ids
 from ..llama_runtime import LlamaBuild, find_llama
 from ..llama_logits import LlamaCallError
 from ._child import PROGRESS_TAG
@@ -146,14 +147,6 @@ def _load_hf(model_dir: str | Path):  # noqa: ANN202
     return tok, model
 
 
-def _chat_ids(tok, prompts: Sequence[str]) -> list[list[int]]:  # noqa: ANN001
-    out = []
-    for p in prompts:
-        text = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-        out.append(tok(text, add_special_tokens=False)["input_ids"])
-    return out
-
-
 def _left_pad(tok, seqs: list[list[int]]):  # noqa: ANN001, ANN202
     import torch
 
@@ -182,7 +175,7 @@ def generate_hf(model_dir: str | Path, prompts: Sequence, max_new_tokens: int = 
     tok, model = _load_hf(model_dir)
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [tok.eos_token_id])
-    ids_all = _chat_ids(tok, texts)
+    ids_all = [chat_ids(tok, t) for t in texts]
     answers: list[str] = []
     tokens: list[list[int]] = []
     n_gen, t0 = 0, time.perf_counter()
@@ -216,7 +209,7 @@ def score_hf(model_dir: str | Path, prompts: Sequence[str], candidates: dict[str
     tok, model = _load_hf(model_dir)
     cand = {name: sorted({tok(w, add_special_tokens=False)["input_ids"][0] for w in words
                           if tok(w, add_special_tokens=False)["input_ids"]}) for name, words in candidates.items()}
-    ids_all = _chat_ids(tok, prompts)
+    ids_all = [chat_ids(tok, p) for p in prompts]
     out: list[dict[str, float]] = []
     for start in range(0, len(prompts), batch_size):
         ids, mask = _left_pad(tok, ids_all[start:start + batch_size])

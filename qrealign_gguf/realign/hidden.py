@@ -5,20 +5,8 @@ import hashlib
 
 import torch
 
+from ..chat import chat_ids
 from ..prompts import Prompt
-
-
-def chat_ids(tok, text: str, max_tokens: int = 256) -> list[int]:  # noqa: ANN001 - HF tokenizer
-    """The prompt as the model sees it at inference: user turn + generation prompt (the assistant header).
-    The last of these ids is the "last prompt token" whose state decides refusal vs compliance."""
-    if getattr(tok, "chat_template", None):
-        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
-        if hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-    else:
-        ids = tok(text)["input_ids"]
-    ids = list(ids)
-    return ids[-max_tokens:]  # keep the end: the generation prompt must stay last
 
 
 def template_fingerprint(tok) -> str:  # noqa: ANN001

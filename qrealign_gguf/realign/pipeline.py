@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..chat import chat_ids
 from ..errors import InputError
 from ..formats import codec
 from ..prompts import load_prompts
@@ -18,7 +19,7 @@ from .calibrate import LayerStats, RealignSettings, Target, propagate, realign_l
 from . import equalize
 from .capture import capture
 from .checkpoint import Checkpoints, file_digest, fingerprint, model_files_digest
-from .hidden import chat_ids, check_compatible, decoder_layers, model_signature
+from .hidden import check_compatible, decoder_layers, model_signature
 from .probes import ProbeSet
 
 Report = Callable[[int, int, LayerStats, bool], None]  # (layer, n_layers, stats, from_checkpoint)
