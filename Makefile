@@ -8,7 +8,7 @@ NATIVE_SRC := $(wildcard native/*.c native/*.h native/*.py native/*.cu)
 DEMO_TYPE ?= Q4_K_M
 PYTEST_ARGS ?=
 
-.PHONY: all install llama llama-patched models demo test test-slow bench bench-types cuda-check testbed experiment clean
+.PHONY: all install llama llama-patched models demo test bench bench-types cuda-check testbed experiment clean
 
 all: install llama
 
@@ -57,9 +57,6 @@ demo: install llama models
 
 test: install llama llama-patched cuda-check
 	$(VPY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
-
-test-slow: install llama
-	$(VPY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 bench: install llama llama-patched
 	$(VPY) tools/bench_encoders.py

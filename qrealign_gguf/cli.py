@@ -1,9 +1,13 @@
 """`qrealign-gguf` command line: a thin typer/rich shell over convert.py and inspect.py."""
 from __future__ import annotations
 
+import contextlib
+import errno
+import math
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
@@ -28,7 +32,9 @@ out = Console(soft_wrap=True)
 
 
 def _fail(msg: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    from rich.markup import escape  # messages quote names from the user's files, e.g. a tensor "x[/]"
+
+    err.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -45,20 +51,109 @@ def _run(fn, *args, **kwargs):  # noqa: ANN001, ANN202 - generic guard
         _fail(str(e))
     except KeyboardInterrupt:
         _fail("interrupted; no output file was written", 130)
+    except OSError as e:
+        # the machine, not the tool: a full disk, a read-only mount, a path that cannot exist. One line naming the
+        # path and the cause; anything without a path or a known cause is still treated as a bug below
+        if (e.filename is not None or e.errno in OS_HINTS) and not os.environ.get("QREALIGN_DEBUG"):
+            _fail(_os_error_line(e))
+        _internal_error(e)
     except Exception as e:  # noqa: BLE001 - a bug, but still no traceback unless asked for
-        if os.environ.get("QREALIGN_DEBUG"):
-            raise
-        _fail(f"internal error: {type(e).__name__}: {e} (set QREALIGN_DEBUG=1 for a traceback and report it)", 1)
+        _internal_error(e)
+
+
+def _internal_error(e: Exception) -> None:
+    if os.environ.get("QREALIGN_DEBUG"):
+        raise e
+    _fail(f"internal error: {type(e).__name__}: {e} (set QREALIGN_DEBUG=1 for a traceback and report it)", 1)
+
+
+# what to do about an OS error, by errno
+OS_HINTS = {
+    errno.ENOSPC: "free some space or choose another output path",
+    errno.EDQUOT: "the disk quota is used up; free some space or choose another output path",
+    errno.EFBIG: "the file is larger than this file system or the process's file size limit (ulimit -f) allows; "
+                 "use --split-max-size or another output path",
+    errno.EROFS: "choose another output path",
+    errno.EACCES: "check the permissions or choose another path",
+    errno.EPERM: "check the permissions or choose another path",
+    errno.ENAMETOOLONG: "choose a shorter path",
+    errno.ENOTDIR: "a part of the path is a file, not a directory; check the path",
+    errno.EISDIR: "the path is a directory; give a file name",
+    errno.ENOENT: "check the path",
+    errno.EIO: "the device reported an I/O error; check the disk",
+}
+
+
+def _os_error_line(e: OSError) -> str:
+    cause = e.strerror or (os.strerror(e.errno) if e.errno else str(e))
+    code = errno.errorcode.get(e.errno or 0)
+    where = f"{e.filename}: " if e.filename is not None else ""
+    hint = OS_HINTS.get(e.errno or 0)
+    return f"{where}{cause}{f' ({code})' if code else ''}{f'; {hint}' if hint else ''}"
 
 
 def _size(text: str) -> int:
-    """'2G', '500M', '1.5G', or plain bytes (llama.cpp's --split-max-size style)."""
+    """'2G', '500M', '1.5G', or plain bytes (llama.cpp's --split-max-size style); 0 = one file."""
     units = {"K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
     t = text.strip().upper()
+    number, unit = (t[:-1], units[t[-1]]) if t and t[-1] in units else (t, 1)
     try:
-        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
-    except (ValueError, KeyError):
-        raise InputError(f"--split-max-size {text!r} is not a size; use e.g. 2G or 500M") from None
+        value = float(number) * unit
+    except ValueError:
+        raise InputError(f"--split-max-size {text!r} is not a size; use e.g. 2G or 500M (0 = one file)") from None
+    if not math.isfinite(value) or value < 0:
+        raise InputError(f"--split-max-size {text!r} must be a positive size, e.g. 2G or 500M (0 = one file)")
+    if 0 < value < 1:  # would round to 0 and silently mean "one file"
+        raise InputError(f"--split-max-size {text!r} is less than one byte; use e.g. 2G or 500M (0 = one file)")
+    return int(value)
+
+
+def _check_side_output(path: Path, option: str, force: bool, clash: Path | None = None,
+                       make_parents: bool = False) -> None:
+    """A file an option writes next to the main output (--save-imatrix, --plot, --json): checked before the work,
+    never replaced without --force."""
+    if path.is_dir():
+        raise InputError(f"{option} {path} is a directory; give a file name")
+    if clash is not None and path.resolve() == clash.resolve():
+        raise InputError(f"{option} {path} is the main output file; give another name")
+    if os.path.lexists(path) and not force:
+        raise InputError(f"{option} {path} already exists; pass --force to replace it")
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise InputError(f"{option} {path}: {parent} is a file, not a directory; choose another path")
+    if not make_parents and not parent.is_dir():
+        raise InputError(f"{option} {path}: directory {parent} does not exist; create it first")
+
+
+@contextlib.contextmanager
+def _written_whole(path: Path | None, force: bool) -> Iterator[Path | None]:
+    """Yields a hidden temporary name beside `path` for the writer to fill; renamed onto `path` only when the block
+    succeeds, removed otherwise, so a failed write (full disk, Ctrl-C) never leaves half a file under `path`."""
+    if path is None:
+        yield None
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        yield tmp
+        if not force and os.path.lexists(path):
+            raise InputError(f"{path} appeared meanwhile (another run?); nothing was replaced, pass --force to replace it")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _check_numbers(**checks: tuple[float | int | None, str]) -> None:
+    """Each option name -> (value, rule), rule one of: '>0', '>=0', 'finite', '0..1'. None (not given) passes.
+    Checked before anything is loaded: a typo must not cost a model load, nor reach the output as NaN."""
+    for name, (value, rule) in checks.items():
+        if value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"{name} {value} is not a finite number")
+        bad = {">0": value <= 0, ">=0": value < 0, "finite": False, "0..1": not 0 <= value <= 1}[rule]
+        if bad:
+            want = {">0": "greater than 0", ">=0": "0 or more", "0..1": "between 0 and 1"}[rule]
+            raise InputError(f"{name} {value} is out of range: it must be {want}")
 
 
 @app.command()
@@ -69,13 +164,13 @@ def convert(
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="llama.cpp imatrix GGUF for importance-aware rounding"),
     calib: Optional[Path] = typer.Option(None, "--calib", help="prompts (.jsonl with 'prompt' or .txt) to compute the importance matrix"),
     calib_samples: int = typer.Option(128, "--calib-samples", help="prompts used from --calib"),
-    save_imatrix: Optional[Path] = typer.Option(None, "--save-imatrix", help="also write the --calib importance as llama.cpp imatrix GGUF"),
+    save_imatrix: Optional[Path] = typer.Option(None, "--save-imatrix", help="also write the --calib importance as llama.cpp imatrix GGUF (an existing file needs --force)"),
     pure: bool = typer.Option(False, "--pure", help="every matrix in the base type, no per-tensor mix (llama-quantize --pure)"),
-    split_max_size: str = typer.Option("0", "--split-max-size", help="max bytes per shard, e.g. 2G (0 = one file)"),
+    split_max_size: str = typer.Option("0", "--split-max-size", help="max bytes per shard, e.g. 2G (0 = one file); shards are named <stem>-00001-of-0000N.gguf"),
     metadata: Optional[Path] = typer.Option(None, "--metadata", help="JSON object of GGUF keys to set or override"),
     threads: int = typer.Option(0, "--threads", "-t", help="encoder threads, and realignment's torch threads (0 = all cores; lower it on a shared machine)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan (tensors, types, size) and write nothing"),
-    force: bool = typer.Option(False, "--force", "-f", help="overwrite an existing output file"),
+    force: bool = typer.Option(False, "--force", "-f", help="replace an existing output: the file or shards of this target (an earlier run's single file or shard set of another count is removed, so no stale set is left beside the new one), and an existing --save-imatrix file"),
     aligned: Optional[Path] = typer.Option(None, "--aligned", help="REALIGN: the aligned model this one was fine-tuned from (probes are fit on it)"),
     probes: Optional[Path] = typer.Option(None, "--probes", help="REALIGN: probes from `qrealign-gguf probe` instead of --aligned"),
     harmful: str = typer.Option("builtin:harmful", "--harmful", help="REALIGN: harmful calibration prompts (.jsonl)"),
@@ -84,8 +179,8 @@ def convert(
     iters: int = typer.Option(40, "--realign-iters", help="REALIGN: optimizer steps per layer"),
     lr: float = typer.Option(5e-3, "--realign-lr", help="REALIGN: Adam step for the rounding offsets, in code units (scale multipliers get a tenth); the offsets can move about iters*lr/2 in all"),
     harm_weight: float = typer.Option(0.01, "--harm-weight", help="REALIGN: weight of the probe term against the relative benign reconstruction error (the probe loss is ~1000x larger; 0.01 lets the benign term steer, docs/BENCHMARKS.md round 6)"),
-    margin: Optional[float] = typer.Option(None, "--margin", help="REALIGN: probe logit harmful last-token states must exceed (default: per layer, the aligned model's median harmful score)"),
-    margin_offset: float = typer.Option(1.5, "--margin-offset", help="REALIGN: added to every layer's harmful target score (push harmful prompts past the aligned median; 0 = the paper's target)"),
+    margin: Optional[float] = typer.Option(None, "--margin", help="REALIGN: base probe logit for harmful last-token states, the same in every layer; the target they must exceed is --margin plus --margin-offset (1.5 unless given: --margin 2 aims at 3.5; add --margin-offset 0 for exactly 2), and the default --benign-ceiling becomes minus --margin (no offset). Default: per layer, the aligned model's median harmful score"),
+    margin_offset: float = typer.Option(1.5, "--margin-offset", help="REALIGN: added to every layer's harmful target score, whether from --margin or the aligned median (push harmful prompts past it; 0 = the paper's target)"),
     probe_layers: Optional[str] = typer.Option(None, "--probe-layers", help="REALIGN: layers that get the probe term, 0-based as in blk.N, e.g. 3- or 0,4-9 (default: every reliable layer; the others are only reconstructed)"),
     last_weight: float = typer.Option(1.0, "--benign-last-weight", help="REALIGN: extra weight of the benign prompts' last-token reconstruction (keeps safe prompts off the refusal side)"),
     benign_ceiling: Optional[float] = typer.Option(None, "--benign-ceiling", help="REALIGN: probe score benign prompts must stay below (default: per layer, the aligned model's median benign score; 0 = the decision boundary)"),
@@ -95,10 +190,16 @@ def convert(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda: block encoders (and realignment's torch work); auto = CUDA when a GPU and the CUDA codec are available"),
 ) -> None:
     """Convert a Hugging Face model to GGUF; with --aligned or --probes, realign safety while quantizing."""
-    from .convert import ConvertOptions, load_metadata_overrides, make_plan
+    from .convert import ConvertOptions, check_output, load_metadata_overrides, make_plan
     from .convert import convert as do_convert
 
     def work() -> None:
+        _check_numbers(**{"--threads": (threads, ">=0"), "--calib-samples": (calib_samples, ">0"),
+                          "--realign-samples": (samples, ">0"), "--realign-iters": (iters, ">=0"),
+                          "--realign-lr": (lr, ">0"), "--harm-weight": (harm_weight, ">=0"),
+                          "--margin": (margin, "finite"), "--margin-offset": (margin_offset, "finite"),
+                          "--benign-last-weight": (last_weight, ">=0"),
+                          "--benign-ceiling": (benign_ceiling, "finite")})
         opts = ConvertOptions(outtype=outtype, imatrix=imatrix, pure=pure, split_max_size=_size(split_max_size),
                               metadata=load_metadata_overrides(metadata) if metadata else {}, threads=threads,
                               force=force, device=device)
@@ -108,6 +209,11 @@ def convert(
         if dry_run:
             _print_plan(plan)
             return
+        check_output(plan, opts)  # here too, not only in convert(): before calibration or realignment runs for hours
+        if save_imatrix is not None:
+            if calib is None:
+                raise InputError("--save-imatrix writes the importance computed from --calib; give --calib too")
+            _check_side_output(save_imatrix, "--save-imatrix", force, clash=plan.output)
         realign = aligned is not None or probes is not None
         if realign:
             from .realign.pipeline import RealignRequest, prepare_realign, run_realign
@@ -117,7 +223,8 @@ def convert(
             probe_set = prepare_realign(req, plan, console=err)  # every input checked before the long work
         if calib is not None:
             from .calib import compute_importance
-            opts.importance = compute_importance(plan.family, calib, calib_samples, save_imatrix, console=err)
+            with _written_whole(save_imatrix, force) as imatrix_tmp:
+                opts.importance = compute_importance(plan.family, calib, calib_samples, imatrix_tmp, console=err)
             opts.extra_provenance["imatrix"] = f"computed from {calib.name} ({calib_samples} prompts)"
         if realign:
             opts.packed = run_realign(req, plan, probe_set, opts, console=err)
@@ -129,6 +236,8 @@ def convert(
                 bar.update(task, completed=done, description=f"[{i}/{n}] {name}")
 
             res = do_convert(model, output, opts, progress=tick, plan=plan)
+        for f in res.removed:
+            err.print(f"removed {f} (left by an earlier run on this target)", highlight=False, soft_wrap=True)
         if realign and checkpoints is None:  # written and verified: the per-layer checkpoints served their purpose
             import shutil
             from .realign.pipeline import default_checkpoint_dir
@@ -149,20 +258,19 @@ def probe(
     min_acc: float = typer.Option(0.9, "--min-acc", help="held-out accuracy a layer's probe needs to be used"),
     contrast: Optional[Path] = typer.Option(None, "--contrast", help="the FINE-TUNED model: fit refusal-state probes (aligned vs fine-tuned states on harmful prompts) instead of content probes"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of probe accuracy per layer"),
-    force: bool = typer.Option(False, "--force", "-f", help="overwrite an existing output file"),
+    force: bool = typer.Option(False, "--force", "-f", help="replace an existing output file and --plot file"),
 ) -> None:
     """Fit per-layer linear safety probes on the aligned model's last-token states."""
     from .realign.probes import probe_model
 
     def work() -> None:
-        if output.exists() and not force:
-            raise InputError(f"{output} already exists; pass --force to overwrite it")
-        if not output.parent.is_dir():
-            raise InputError(f"output directory {output.parent} does not exist; create it first")
+        _check_numbers(**{"--samples": (samples, ">0"), "--min-acc": (min_acc, "0..1")})
+        _check_side_output(output, "-o", force)
+        if plot is not None:
+            _check_side_output(plot, "--plot", force, clash=output)
         ps = probe_model(model, harmful, benign, samples, min_acc, console=err, contrast=contrast)
-        tmp = output.with_name(output.name + ".partial")
-        ps.save(tmp)
-        tmp.replace(output)
+        with _written_whole(output, force) as tmp:
+            ps.save(tmp)
         t = Table(title=f"probe accuracy per layer ({len(ps.reliable)}/{ps.n_layers} reliable at >= {min_acc:.2f})")
         for col in ("layer", "train", "held-out", "used"):
             t.add_column(col, justify="right")
@@ -274,13 +382,14 @@ def package(
     path: Path = typer.Argument(..., help="GGUF file to bundle"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="bundle .tar (default: <file>.bundle.tar next to it) or a directory"),
     eval_report: Optional[Path] = typer.Option(None, "--eval", help="`qrealign-gguf eval --json` report that measured this file"),
+    force: bool = typer.Option(False, "--force", help="replace an existing bundle .tar"),
 ) -> None:
-    """Bundle a GGUF for an edge device: the file, provenance.json, a model card, SHA256SUMS (and, for custom
-    tensor types, the llama.cpp patches with build instructions for the device)."""
+    """Bundle a GGUF for an edge device: the file (every shard of a split model), provenance.json, a model card,
+    SHA256SUMS (and, for custom tensor types, the llama.cpp patches with build instructions for the device)."""
     from .package import package as build_bundle
 
     def work() -> None:
-        bundle = build_bundle(path, output, eval_report)
+        bundle = build_bundle(path, output, eval_report, force=force)
         out.print(f"wrote {bundle} ({bundle.stat().st_size / 1e6:.1f} MB)")
 
     _run(work)

@@ -3,7 +3,8 @@
 A GGUF file already carries its provenance (general.* and qrealign.* keys written by convert); the bundle makes it
 readable without our tools and verifiable on the device:
 
-    <stem>/<file>.gguf         the model, unchanged (streamed into the tar, never copied in memory)
+    <stem>/<file>.gguf         the model, unchanged (streamed into the tar, never copied in memory); a split model
+                               (<prefix>-00001-of-0000N.gguf, llama.cpp's naming) brings every shard
     <stem>/provenance.json     architecture, tensor types, bits per weight, sha256, general.*/qrealign.* metadata,
                                and the evaluation summary when --eval report.json is given
     <stem>/README.md           model card: what it is, how it was made, how to run it, what was measured
@@ -12,7 +13,8 @@ readable without our tools and verifiable on the device:
     <stem>/BUILD.md            pinned llama.cpp run them, and how to build that for a device (CPU-only ARM, x86)
 
 The tar is uncompressed (quantized weights do not compress) and reproducible: every member's mtime is the GGUF's.
-It is written to a temp file next to the output and renamed at the end.
+It is written to a temp file next to the output and renamed at the end; an existing bundle is replaced only with
+force=True (`--force`).
 """
 from __future__ import annotations
 
@@ -20,8 +22,11 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 import tempfile
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +35,62 @@ from .errors import InputError
 from .inspect import GGUFSummary, read_gguf_summary
 
 REPO = Path(__file__).resolve().parent.parent
-PATCH_DIR = REPO / "native" / "llama_patches"
 LLAMA_PIN = "llama.cpp as vendored by llama-cpp-python 0.3.36 (PyPI sdist)"
 
 # metadata worth carrying into provenance.json (the vocabulary and merges are not)
 _KEEP_PREFIXES = ("general.", "qrealign.")
+# llama.cpp's split file names (llama_split_path): it finds shards 2..N from the first one's name
+_SPLIT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def patch_dir() -> Traversable:
+    """native/llama_patches, their one source: an installed wheel carries a copy in qrealign_gguf/llama_patches
+    (setup.py's build step puts it there); a source checkout or editable install reads the checkout's."""
+    shipped = resources.files(__package__) / "llama_patches"
+    return shipped if shipped.is_dir() else REPO / "native" / "llama_patches"
+
+
+def _int_meta(summary: GGUFSummary, key: str, path: Path) -> int | None:
+    raw = summary.metadata.get(key)
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise InputError(f"{path}: {key} is {raw!r}, not a number; the file is damaged") from None
+
+
+def model_files(path: Path) -> tuple[list[Path], GGUFSummary]:
+    """The files the model is ([path], or every shard of a split in order) and their summary (the first file's
+    metadata, every file's tensors). A split with a missing, foreign or renamed shard is refused: bundling part of
+    a model would give a device a file that does not load."""
+    first = read_gguf_summary(path)  # InputError for a missing or unreadable file
+    count = _int_meta(first, "split.count", path)
+    if count is None or count <= 1:
+        return [path], first
+    m = _SPLIT_NAME.match(path.name)
+    if m is None or int(m["count"]) != count:
+        raise InputError(f"{path.name} is one shard of a {count}-file split model but is not named "
+                         f"<name>-000NN-of-{count:05d}.gguf, so llama.cpp cannot find the other shards; "
+                         "restore the shard names")
+    shards = [path.with_name(f"{m['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    missing = [s.name for s in shards if not s.is_file()]
+    if missing:
+        raise InputError(f"{path.name} is one of {count} shards, but {', '.join(missing)} "
+                         f"{'is' if len(missing) == 1 else 'are'} missing next to it; package needs the whole set")
+    summaries = [first if s == path else read_gguf_summary(s) for s in shards]
+    for i, (s, summ) in enumerate(zip(shards, summaries)):
+        if (_int_meta(summ, "split.no", s), _int_meta(summ, "split.count", s)) != (i, count):
+            raise InputError(f"{s.name} is not shard {i + 1} of this {count}-file split (its header says "
+                             f"{summ.metadata.get('split.no')} of {summ.metadata.get('split.count')}); "
+                             "the shards come from different conversions")
+    head = summaries[0]
+    rows = [t for summ in summaries for t in summ.tensors]
+    want = _int_meta(head, "split.tensors.count", shards[0])
+    if want is not None and want != len(rows):
+        raise InputError(f"{shards[0].name}: the split holds {len(rows)} tensors, its header says {want}; "
+                         "the shards come from different conversions")
+    return shards, GGUFSummary(head.metadata, rows)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -45,15 +101,32 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _eval_summary(report_path: Path, gguf_name: str) -> dict[str, Any]:
-    """The variant of an `eval --json` report that measured this file (by file name), without its answers."""
+def _read_report(report_path: Path) -> dict[str, Any]:
+    """An `eval --json` report, checked before the long hashing: parseable, with per-file sha256 records."""
     try:
         report = json.loads(report_path.read_text(encoding="utf-8"))
         variants = report["variants"]
+        if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
+            raise TypeError("variants is not a list of objects")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InputError(f"--eval {report_path}: not an `qrealign-gguf eval --json` report ({e})") from None
-    match = [v for v in variants if Path(str(v.get("path", ""))).name == gguf_name]
+    # No file-name fallback: a name says nothing about which bytes were measured (two conversions of one model
+    # share it), and a card with another file's numbers is a silent bad bundle. Re-running eval is the fix.
+    if not any(isinstance(v.get("sha256"), str) for v in variants):
+        raise InputError(f"--eval {report_path} records no sha256 of the files it measured (written by an older "
+                         "qrealign-gguf); re-run `qrealign-gguf eval ... --json` so the results can be tied to this file")
+    return report
+
+
+def _eval_summary(report: dict[str, Any], report_path: Path, gguf_name: str, digests: set[str]) -> dict[str, Any]:
+    """The variant of the report that measured this file (matched by sha256), without its answers."""
+    variants = report["variants"]
+    match = [v for v in variants if v.get("sha256") in digests]
     if not match:
+        same_name = [v for v in variants if Path(str(v.get("path", ""))).name == gguf_name]
+        if same_name:
+            raise InputError(f"--eval {report_path} measured a different file named {gguf_name} (its sha256 "
+                             f"differs); evaluate this file: `qrealign-gguf eval {gguf_name} ... --json report.json`")
         names = ", ".join(Path(str(v.get("path", "?"))).name for v in variants) or "none"
         raise InputError(f"--eval {report_path} has no result for {gguf_name} (it measured: {names}); "
                          f"run `qrealign-gguf eval {gguf_name} ... --json report.json` first")
@@ -62,12 +135,14 @@ def _eval_summary(report_path: Path, gguf_name: str) -> dict[str, Any]:
             "settings": report.get("settings", {}), "notes": report.get("notes", [])}
 
 
-def provenance(summary: GGUFSummary, gguf_path: Path, digest: str, evaluation: dict | None) -> dict[str, Any]:
+def provenance(summary: GGUFSummary, files: list[Path], digests: list[str], evaluation: dict | None) -> dict[str, Any]:
+    """files: the model's files (one, or every shard; llama.cpp is given the first), digests: their sha256."""
     meta = summary.metadata
     return {
-        "file": gguf_path.name,
-        "bytes": gguf_path.stat().st_size,
-        "sha256": digest,
+        "file": files[0].name,  # what llama.cpp is given; "files" lists every shard of a split
+        "bytes": sum(f.stat().st_size for f in files),  # of the whole model
+        "sha256": digests[0],
+        "files": [{"file": f.name, "bytes": f.stat().st_size, "sha256": d} for f, d in zip(files, digests)],
         "architecture": meta.get("general.architecture"),
         "name": meta.get("general.name"),
         "bits_per_weight": round(summary.bits_per_weight, 4),
@@ -92,9 +167,12 @@ def model_card(prov: dict[str, Any]) -> str:
     realigned = str(meta.get("qrealign.realigned", "False")) == "True"
     name = prov["name"] or Path(prov["file"]).stem
     types = ", ".join(f"{k} x{v}" for k, v in prov["tensor_types"].items())
+    shards = len(prov["files"])
     lines = [f"# {name} ({meta.get('qrealign.outtype', 'GGUF')})", "",
              f"`{prov['file']}`: {prov['architecture']} model, {prov['weights']:,} weights, "
-             f"{prov['bits_per_weight']:.3f} bits per weight ({types}).", ""]
+             f"{prov['bits_per_weight']:.3f} bits per weight ({types})."
+             + (f" Split into {shards} files; keep them together and give llama.cpp the first." if shards > 1 else ""),
+             ""]
     if realigned:
         lines += ["Quantized with **Q-realign** by qrealign-gguf: block scales and rounding were chosen so that the "
                   "file keeps the fine-tuned model's behaviour on benign prompts and moves harmful prompts towards the "
@@ -105,7 +183,8 @@ def model_card(prov: dict[str, Any]) -> str:
         lines += ["Converted by qrealign-gguf without realignment (plain quantization of the source model).", ""]
     lines += ["## Provenance", "", "| key | value |", "|---|---|"]
     lines += [f"| {k} | {str(v).replace('|', '/')} |" for k, v in meta.items()]
-    lines += [f"| sha256 | {prov['sha256']} |", f"| packaged by | {prov['packaged_by']} |", ""]
+    lines += [f"| sha256 of {f['file']} | {f['sha256']} |" for f in prov["files"]]
+    lines += [f"| packaged by | {prov['packaged_by']} |", ""]
     ev = prov.get("evaluation")
     lines += ["## Measured", ""]
     if ev:
@@ -174,46 +253,62 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mtime: int) -> None
     tar.addfile(info, io.BytesIO(data))
 
 
-def package(gguf_path: Path, output: Path | None = None, eval_report: Path | None = None) -> Path:
+def package(gguf_path: Path, output: Path | None = None, eval_report: Path | None = None,
+            force: bool = False) -> Path:
     """Write the bundle; returns its path. Inputs are checked before the (long) hashing starts."""
     gguf_path = Path(gguf_path)
-    summary = read_gguf_summary(gguf_path)  # InputError for a missing or unreadable file
-    stem = gguf_path.name.removesuffix(".gguf")
-    output = Path(output) if output is not None else gguf_path.with_name(f"{stem}.bundle.tar")
+    files, summary = model_files(gguf_path)
+    m = _SPLIT_NAME.match(files[0].name)
+    stem = m["prefix"] if len(files) > 1 and m else files[0].name.removesuffix(".gguf")
+    output = Path(output) if output is not None else files[0].with_name(f"{stem}.bundle.tar")
     if output.is_dir():
         output = output / f"{stem}.bundle.tar"
     if output.suffix != ".tar":
         raise InputError(f"{output}: the bundle is a .tar file; give -o NAME.tar or a directory")
     if not output.parent.is_dir():
         raise InputError(f"{output.parent} does not exist; create it or choose another -o")
-    evaluation = _eval_summary(Path(eval_report), gguf_path.name) if eval_report is not None else None
-    patches = sorted(p.name for p in PATCH_DIR.glob("*.patch")) if summary.custom_types else []
+    if output.exists() and not force:
+        raise InputError(f"{output} already exists; pass --force to replace it, or choose another -o")
+    report = _read_report(Path(eval_report)) if eval_report is not None else None
+    pdir = patch_dir()
+    patches = sorted(p.name for p in pdir.iterdir() if p.name.endswith(".patch")) if summary.custom_types else []
     if summary.custom_types and not patches:
-        raise InputError(f"{gguf_path.name} uses custom tensor types but {PATCH_DIR} holds no patches")
+        raise InputError(f"{files[0].name} uses custom tensor types but {pdir} holds no llama.cpp patches; "
+                         "reinstall qrealign-gguf")
 
-    digest = sha256_file(gguf_path)
-    prov = provenance(summary, gguf_path, digest, evaluation)
-    mtime = int(gguf_path.stat().st_mtime)
+    digests = [sha256_file(f) for f in files]
+    evaluation = (_eval_summary(report, Path(eval_report), files[0].name, set(digests))
+                  if report is not None else None)
+    prov = provenance(summary, files, digests, evaluation)
+    mtime = int(files[0].stat().st_mtime)
     texts: dict[str, bytes] = {
         "provenance.json": (json.dumps(prov, indent=2, ensure_ascii=False) + "\n").encode(),
         "README.md": model_card(prov).encode(),
     }
     if patches:
         texts["BUILD.md"] = build_md(patches).encode()
-        texts.update({f"llama_patches/{p}": (PATCH_DIR / p).read_bytes() for p in patches})
-    sums = [f"{digest}  {gguf_path.name}"] + [f"{hashlib.sha256(b).hexdigest()}  {n}" for n, b in texts.items()]
+        texts.update({f"llama_patches/{p}": (pdir / p).read_bytes() for p in patches})
+    sums = [f"{d}  {f.name}" for f, d in zip(files, digests)]
+    sums += [f"{hashlib.sha256(b).hexdigest()}  {n}" for n, b in texts.items()]
     texts["SHA256SUMS"] = ("\n".join(sums) + "\n").encode()
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".part", dir=output.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".part", dir=output.parent)
+    except OSError as e:
+        raise InputError(f"cannot write into {output.parent}: {e.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            info = tar.gettarinfo(str(gguf_path), arcname=f"{stem}/{gguf_path.name}")
-            info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode = mtime, 0, 0, "", "", 0o644
-            with gguf_path.open("rb") as g:
-                tar.addfile(info, g)
+            for path in files:
+                info = tar.gettarinfo(str(path), arcname=f"{stem}/{path.name}")
+                info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode = mtime, 0, 0, "", "", 0o644
+                with path.open("rb") as g:
+                    tar.addfile(info, g)
             for name, data in texts.items():
                 _add_bytes(tar, f"{stem}/{name}", data, mtime)
         os.replace(tmp, output)
+    except OSError as e:  # a full disk, say: one line, and the partial temp file goes
+        Path(tmp).unlink(missing_ok=True)
+        raise InputError(f"writing {output} failed: {e.strerror or e}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -95,6 +95,23 @@ def test_choose_reduces_error_on_outlier_channels_and_never_increases_it() -> No
     assert scales.attn[:4].min() > scales.attn[4:].max()
 
 
+@pytest.mark.parametrize("missing", ["self_attn.k_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down_proj"])
+def test_choose_keeps_identity_for_groups_touching_an_unencoded_linear(missing: str) -> None:
+    """A linear written unscaled (not block-encoded) pins every group it consumes from or produces for: k (a
+    consumer of attn_norm), v (consumer of attn_norm, producer for o), up (consumer of ffn_norm, producer for down),
+    down (consumer of up). The other groups still search."""
+    m = tiny_qwen2(outlier_channels=4)
+    x = ids()
+    encoders = {n: (Q4K, None) for n in eq.LINEARS if n != missing}
+    scales, reports = eq.choose(m.model.layers[0], lambda: m(x), encoders, n_heads=4, n_kv=2)
+    pinned = {"self_attn.k_proj": {"attn"}, "self_attn.v_proj": {"attn", "vo"}, "mlp.up_proj": {"ffn", "ud"},
+              "mlp.down_proj": {"ud"}}[missing]
+    for g in ("attn", "vo", "ffn", "ud"):
+        s = getattr(scales, g)
+        assert np.all(s == 1) == (g in pinned), (g, s[:4])
+    assert len(reports) == 4 - len(pinned)
+
+
 def test_imatrix_moves_with_the_scale() -> None:
     rng = np.random.default_rng(5)
     w = rng.normal(0, 0.05, (4, 256)).astype(np.float32)
@@ -195,3 +212,65 @@ def test_resume_with_equalize_gives_the_same_bytes(tiny_llama, tmp_path) -> None
     assert full.keys() == again.keys()
     for k in full:
         assert np.array_equal(full[k], again[k]), k
+
+
+# ---- linears the plan does not block-encode (F16 fallback) ------------------------------------------------------
+
+def _file_model_logits(hf_dir, gguf, tokens: list[int]) -> np.ndarray:  # noqa: ANN001
+    """The float model the file stores: an HF float32 pass with EVERY tensor taken from the file (quantized ones
+    decoded by our codec, F16/F32 ones as written: norms, fallback linears)."""
+    from transformers import AutoModelForCausalLM
+
+    from qrealign_gguf.formats.types import qtype as qt
+    from qrealign_gguf.gguf_read import GGUFReader
+    from qrealign_gguf.hf_model import HFModel
+    from qrealign_gguf.models import family_for
+    from test_custom_llama import _unpermute
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    fam = family_for(HFModel(hf_dir))
+    hf_name = {s.name: s.hf_name for s in fam.tensors()}
+    sd = model.state_dict()
+    with torch.no_grad():
+        for t in GGUFReader(gguf).tensors:
+            target = sd[hf_name[t.name]]
+            cols = int(t.shape[0])
+            raw = np.asarray(t.data)
+            if t.tensor_type.name in ("F32", "F16"):
+                w = raw.astype(np.float32).reshape(-1, cols)
+            else:
+                w = codec.dequantize(raw.reshape(int(np.prod(t.shape[1:])), -1), qt(t.tensor_type.name), cols)
+            if ".attn_q." in t.name:
+                w = _unpermute(w, fam.n_head)
+            elif ".attn_k." in t.name:
+                w = _unpermute(w, fam.n_head_kv)
+            target.copy_(torch.from_numpy(w.reshape(target.shape)))
+        return model(torch.tensor([tokens])).logits[0].double().numpy()
+
+
+@pytest.mark.parametrize("hidden,inter", [(64, 40), (48, 128)], ids=["down-F16", "qkv-o-gate-up-F16"])
+def test_equalize_skips_groups_with_unencoded_linears(tmp_path, hidden: int, inter: int) -> None:
+    """Rows that are no multiple of 32 make the plan write those linears as F16 (straight from the source), so
+    equalization must leave their scaling groups alone: a scaled norm next to an unscaled F16 consumer (or an F16
+    producer next to a scaled consumer) is a different model. The file's float model must stay the source's."""
+    from qrealign_gguf.convert import ConvertOptions, convert, make_plan
+    from tiny_models import make_tiny_llama, planted_probes
+
+    d = make_tiny_llama(tmp_path / "hf", hidden=hidden, inter=inter, layers=2, heads=4, kv_heads=2)
+    plan = make_plan(d, tmp_path / "o.gguf", ConvertOptions(outtype="Q8_0"))
+    f16 = {t.source.name.split(".", 2)[2] for t in plan.tensors if t.qtype.name == "F16" and t.source.name.startswith("blk.0.")}
+    assert f16 == ({"ffn_down.weight"} if inter == 40 else
+                   {"attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight", "ffn_gate.weight",
+                    "ffn_up.weight"}), f16  # the shapes really exercise the fallback
+    packed = _run((d, planted_probes(d, 8, target_benign=0.0)), tmp_path, "Q8_0", equalize=True)
+    plain, eqd = tmp_path / "plain.gguf", tmp_path / "eq.gguf"
+    convert(d, plain, ConvertOptions(outtype="Q8_0"))
+    convert(d, eqd, ConvertOptions(outtype="Q8_0", packed=packed))
+    toks = list(range(10, 60))
+    ref = _file_model_logits(d, plain, toks)  # the plain Q8_0 file's float model
+    with torch.no_grad():
+        from transformers import AutoModelForCausalLM
+        src = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()(torch.tensor([toks])).logits[0]
+    k_plain = _kld(src, ref)
+    k_eq = _kld(src, _file_model_logits(d, eqd, toks))
+    assert k_eq < 2 * k_plain + 1e-6, (k_plain, k_eq)

@@ -171,31 +171,107 @@ np.savez(sys.argv[3], yq=yq, got=np.array(got, np.float32))
 """
 
 
+def _dot_terms(xq: np.ndarray, yq: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The kernels' decomposition of the dot, per 32-weight sub-block j, in float64 (exact: every factor is an fp16
+    value or a small integer): the scale term A_j = d*sc_j*d8_j * sum(q*q8), its bound |d*sc_j*d8_j| * sum(q*|q8|),
+    and the min term B_j = dmin*mn_j*s8_j. s8 is Q8_1's own fp16 d8*sum(q8), which both kernels use for the min
+    term: the activations exactly as the kernel sees them."""
+    p = codec.unpack(xq, T, n)
+    blocks = yq.reshape(-1, 36)  # block_q8_1: fp16 d, fp16 s, int8 qs[32]
+    d8 = blocks[:, 0:2].copy().view(np.float16).astype(np.float64).ravel()
+    s8 = blocks[:, 2:4].copy().view(np.float16).astype(np.float64).ravel()
+    q8 = blocks[:, 4:].view(np.int8).astype(np.int64)
+    q = p.q.reshape(-1, 32).astype(np.int64)
+    dsc = (p.d.astype(np.float64)[..., None] * p.sc).ravel() * d8
+    a = dsc * (q * q8).sum(1)
+    a_abs = np.abs(dsc) * (q * np.abs(q8)).sum(1)
+    b = (p.dmin.astype(np.float64)[..., None] * p.mn).ravel() * s8
+    return a, a_abs, b
+
+
+def _dot_error(got: float, a: np.ndarray, a_abs: np.ndarray, b: np.ndarray) -> float:
+    """|got - exact| in units of the float32 rounding bound; <= 1 for a correct kernel. Evaluating sum(A) - sum(B)
+    in float32 in any order (the AVX2 kernel: 8 lanes of fused multiply-adds, then a horizontal sum) rounds each
+    product once or twice and each addition once; with T terms the first-order error is below
+    (T + 8) u (sum|A_j| + sum|B_j|), u = 2^-24, taken twice here. sum|A_j| uses the per-weight absolute products,
+    since SIMD lanes sum partial products that may cancel only later."""
+    exact = float(a.sum() - b.sum())
+    bound = 2 * (a.size + 8) * 2.0**-24 * float(a_abs.sum() + np.abs(b).sum())
+    return abs(got - exact) / bound
+
+
+def _q8_1(a: np.ndarray) -> np.ndarray:
+    """Q8_1 blocks of `a` (numpy; for the check's own test, which needs no llama.cpp): d = max|a|/127, q =
+    round(a/d), s = fp16(d * sum(q))."""
+    x = a.reshape(-1, 32).astype(np.float32)
+    d = np.abs(x).max(1) / 127
+    q = np.round(x / np.where(d > 0, d, 1)[:, None]).astype(np.int8)
+    out = np.zeros((x.shape[0], 36), np.uint8)
+    out[:, 0:2] = d.astype(np.float16)[:, None].view(np.uint8)
+    out[:, 2:4] = (d.astype(np.float16).astype(np.float32) * q.sum(1)).astype(np.float16)[:, None].view(np.uint8)
+    out[:, 4:] = q.view(np.uint8)
+    return out.ravel()
+
+
+def _wrong_kernels(xq: np.ndarray, yq: np.ndarray, n: int) -> dict[str, float]:
+    """Results of plausible kernel bugs on the same operands: none may pass _dot_error."""
+    a, _, b = _dot_terms(xq, yq, n)
+    p = codec.unpack(xq, T, n)
+    q8 = yq.reshape(-1, 36)[:, 4:].view(np.int8).astype(np.int64)
+    d8 = yq.reshape(-1, 36)[:, 0:2].copy().view(np.float16).astype(np.float64).ravel()
+    dsc = (p.d.astype(np.float64)[..., None] * p.sc).ravel() * d8
+    no_hi = dsc * ((p.q.reshape(-1, 32).astype(np.int64) & 15) * q8).sum(1)
+    swapped = dsc.reshape(-1, 2)[:, ::-1].ravel() * (a / np.where(dsc != 0, dsc, 1))  # scales of j and j^1 mixed up
+    worst = int(np.argmax(np.abs(a.reshape(-1, 4).sum(1))))  # the block whose d matters most, one fp16 ulp off
+    ulp = np.ones_like(a)
+    ulp[4 * worst:4 * worst + 4] = float(np.nextafter(p.d[0, worst], np.float16(np.inf))) / float(p.d[0, worst])
+    return {"zero": 0.0, "min term dropped": float(a.sum()), "high bit ignored": float(no_hi.sum() - b.sum()),
+            "sub-block scales swapped": float(swapped.sum() - b.sum()), "one block's d 1 ulp off": float((a * ulp).sum() - b.sum())}
+
+
+def _operands(rng: np.random.Generator, n: int, trial: int) -> tuple[np.ndarray, np.ndarray]:
+    x = (rng.standard_t(3, (1, n)) * 0.05).astype(np.float32)
+    a = rng.standard_normal(n).astype(np.float32) * np.float32(10.0 ** (trial - 2))
+    return codec.quantize(x, T), a
+
+
+def test_dot_check_rejects_wrong_kernels() -> None:
+    """The check below is tight: the exact dot passes it, zero and five plausible kernel bugs fail it on every
+    draw (the old tolerance, 2e-3 * max|x| * max|a| * n, was 0.8-5x the dot itself and let zero pass)."""
+    rng = np.random.default_rng(2)
+    n = 896
+    for trial in range(5):
+        xq, act = _operands(rng, n, trial)
+        yq = _q8_1(act)
+        a, a_abs, b = _dot_terms(xq, yq, n)
+        assert _dot_error(float(a.sum() - b.sum()), a, a_abs, b) < 1e-6
+        assert _dot_error(float(np.float32(a.sum() - b.sum())), a, a_abs, b) <= 1  # the float32 result itself
+        for bug, v in _wrong_kernels(xq, yq, n).items():
+            assert _dot_error(v, a, a_abs, b) > 1, (trial, bug)
+
+
 def test_cpu_dot_kernels_match_exact_dot(patched, tmp_path) -> None:  # noqa: F811
-    """ggml_vec_dot_qr5_k128_q8_1 (AVX2 in this x86 build) and its generic twin against the exact float dot of the
-    two decoded operands (our QR5_K128 decoding, Q8_1 decoded as d8 * q8)."""
+    """ggml_vec_dot_qr5_k128_q8_1 (AVX2 in this x86 build) and its generic twin against the exact dot of the
+    decoded operands: our QR5_K128 decoding and llama.cpp's own Q8_1 blocks of the activations (_dot_terms), within
+    the float32 rounding bound (_dot_error) that the wrong kernels of test_dot_check_rejects_wrong_kernels fail."""
     import sys
 
     rng = np.random.default_rng(2)
     n = 896
     for trial in range(5):
-        x = (rng.standard_t(3, (1, n)) * 0.05).astype(np.float32)
-        a = rng.standard_normal(n).astype(np.float32) * (10.0 ** (trial - 2))
-        xq = codec.quantize(x, T)
+        xq, a = _operands(rng, n, trial)
         np.savez(tmp_path / "in.npz", a=a, xq=xq)
         r = subprocess.run([sys.executable, "-c", _DOT_CHILD, str(patched.lib_dir / "libggml-cpu.so"),
                             str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
                            env=patched.env(), capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr[-2000:]
         out = np.load(tmp_path / "out.npz")
-        blocks = out["yq"].reshape(-1, 36)
-        d8 = blocks[:, 0:2].copy().view(np.float16).astype(np.float64)
-        q8 = blocks[:, 4:].view(np.int8).astype(np.float64)
-        exact = float((codec.dequantize(xq, T, n).astype(np.float64).reshape(-1, 32) * (d8 * q8)).sum())
+        terms = _dot_terms(xq, out["yq"], n)
         got = dict(zip(("ggml_vec_dot_qr5_k128_q8_1", "ggml_vec_dot_qr5_k128_q8_1_generic"), map(float, out["got"])))
-        scale = float(np.abs(codec.dequantize(xq, T, n)).max() * np.abs(a).max() * n)
-        for fn, v in got.items():  # float32 accumulation and the fp16 s of Q8_1 (min term)
-            assert abs(v - exact) < 2e-3 * scale, (trial, fn, v, exact)
+        for fn, v in got.items():
+            assert _dot_error(v, *terms) <= 1, (trial, fn, v, float(terms[0].sum() - terms[2].sum()))
+        for bug, v in _wrong_kernels(xq, out["yq"], n).items():  # the same check, on llama.cpp's Q8_1 blocks
+            assert _dot_error(v, *terms) > 1, (trial, bug)
 
 
 def test_patched_llama_runs_and_matches_reference(patched, k128_file, tiny, tmp_path) -> None:  # noqa: F811

@@ -53,10 +53,10 @@ def check_model(path: Path, what: str = "model") -> str:
         return "hf"
     if not is_gguf(path):
         raise InputError(f"{what} {path} is neither a .gguf file nor a Hugging Face model directory")
-    from .gguf_header import GGUFFormatError, read_gguf_header
+    from ..gguf_file import GGUFFormatError, read_gguf
 
     try:
-        has_tmpl = bool(read_gguf_header(path)["kv"].get("tokenizer.chat_template"))
+        has_tmpl = bool(read_gguf(path).scalar("tokenizer.chat_template"))
     except (GGUFFormatError, OSError, ValueError) as e:
         raise InputError(f"{what} {path} is not a readable GGUF file ({e})") from None
     if not has_tmpl:
@@ -150,6 +150,7 @@ def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | Non
              kld: bool = True, template: str = "jinja", console: Console | None = None,
              cache_dir: Path | None = None) -> dict:
     """Validate everything, then generate, judge and measure; returns the report dict (see report.py)."""
+    from ..package import sha256_file
     from . import metrics as M
     from .judge import agreement, keyword_judge, model_judge
 
@@ -214,6 +215,8 @@ def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | Non
             cache[key] = (split(ans), stats)
         answers[name], stats = cache[key]
         report["variants"].append({"name": name, "path": str(m), "kind": kind,
+                                   # what `package --eval` matches the bundled file by (not its name)
+                                   "sha256": sha256_file(Path(m)) if kind == "gguf" else None,
                                    "generation": {k: stats[k] for k in ("seconds", "generated_tokens", "tokens_per_s")}})
     ref_answers: list[str] | None = None
     if reference is not None and "benign" in sets:
@@ -313,13 +316,13 @@ def _perplexity(report: dict, reference: Path, ref_kind: str, benign: list[Promp
             return
         report["kld"] = {"reference": str(reference), "text": "benign prompts + reference answers", "n_ctx": n_ctx,
                          "reference_ppl": ref_ppl}
-        from .gguf_header import read_gguf_header
-        n_vocab = read_gguf_header(ref_gguf)["kv"].get("tokenizer.ggml.tokens")
+        from ..gguf_file import read_gguf
+        n_vocab = read_gguf(ref_gguf).array_len("tokenizer.ggml.tokens")
         for v, m, kind in zip(report["variants"], models, kinds):
             if kind != "gguf":
                 v["ppl"] = v["kld"] = None
                 continue
-            nv = read_gguf_header(m)["kv"].get("tokenizer.ggml.tokens")
+            nv = read_gguf(m).array_len("tokenizer.ggml.tokens")
             if nv != n_vocab:
                 v["ppl"] = v["kld"] = None
                 report["notes"].append(f"no KLD for {v['name']}: its vocabulary ({nv} tokens) is not the reference's "
@@ -359,17 +362,22 @@ def eval_command(
     plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG plot"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the full report (with every answer) as JSON"),
     cache: Optional[Path] = typer.Option(None, "--cache", help="directory keeping generated answers (keyed by model content, prompts, settings) for reruns"),
+    force: bool = typer.Option(False, "--force", "-f", help="replace existing --json / --plot files"),
 ) -> None:
     """Evaluate refusal, over-refusal, helpfulness and KLD of GGUF / HF models (greedy, chat template)."""
-    from ..cli import _run
+    from ..cli import _check_numbers, _check_side_output, _run
     from .report import plot_report, print_table, write_json
 
     out = Console()
 
     def work() -> None:
-        for p in (plot, json_out):
-            if p is not None and p.exists() and p.is_dir():
-                raise InputError(f"{p} is a directory; give a file name")
+        # counts and outputs before any model runs (run_eval checks the rest of its arguments the same way)
+        _check_numbers(**{"--threads": (threads, ">=0"), "--max-new-tokens": (max_new_tokens, ">0"),
+                          "--limit": (limit, ">0"), "--n-parallel": (n_parallel, ">0")})
+        if json_out is not None:
+            _check_side_output(json_out, "--json", force, make_parents=True)
+        if plot is not None:
+            _check_side_output(plot, "--plot", force, clash=json_out, make_parents=True)
         t0 = time.perf_counter()
         report = run_eval(models, harmful, benign, overrefusal, reference, judge, max_new_tokens, limit, n_parallel,
                           threads, kld=not no_kld, template=chat_template, cache_dir=cache)

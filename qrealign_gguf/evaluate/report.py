@@ -3,7 +3,7 @@
 The report is a plain dict (JSON-ready) built by evaluate.cli.run_eval:
 
     {"settings": {...}, "judge": {...}, "variants": [
-        {"name", "path", "kind": "gguf"|"hf",
+        {"name", "path", "kind": "gguf"|"hf", "sha256" (of the GGUF file; null for an HF directory),
          "harmful":     {"n", "refusal", "refusal_keyword", "refusal_model"},
          "overrefusal": {"n", "refusal", "refusal_keyword", "refusal_model"},
          "benign":      {"n", "answered", "rouge_l", "token_f1"},

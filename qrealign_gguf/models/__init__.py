@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..errors import InputError
-from ..hf_model import HFModel
+from ..hf_model import HFModel, show
 from .base import ModelFamily
 from .gemma2 import Gemma2Family
 from .gemma3 import Gemma3Family
@@ -19,6 +19,9 @@ def supported_architectures() -> list[str]:
 
 def family_for(model: HFModel) -> ModelFamily:
     archs = model.config.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise InputError(f"config.json: architectures is {show(repr(archs))}; it must be a list of class names such as "
+                         '["LlamaForCausalLM"]')
     for a in archs:
         if a in BY_ARCHITECTURE:
             return BY_ARCHITECTURE[a](model)

@@ -7,6 +7,7 @@ hparams and tokenizer metadata llama.cpp needs. It knows nothing about quantizat
 from __future__ import annotations
 
 import math
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,7 +17,8 @@ import gguf
 import numpy as np
 
 from ..errors import InputError
-from ..hf_model import HFModel
+from ..hf_model import FLOAT_DTYPES, HFModel, show
+from .checks import check_raw_config, check_resolved, check_rope
 
 
 @dataclass
@@ -67,6 +69,13 @@ class ModelFamily(ABC):
         """Raise InputError for configs this family cannot convert faithfully (called before any work)."""
 
 
+# Dimension names of the tensor shapes a family expects: DecoderFamily.dims() gives their values, and the
+# names appear in the message when a tensor's shape disagrees with config.json.
+H, FF, VOCAB, HD = "hidden_size", "intermediate_size", "vocab_size", "head_dim"
+Q, KV = "num_attention_heads*head_dim", "num_key_value_heads*head_dim"
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
 # -- shared machinery for decoder-only transformer families ---------------------------------------------------
 def permute_rotary(x: np.ndarray, n_head: int) -> np.ndarray:
     """HF's half-split rotary layout -> the interleaved pairs llama.cpp's "llama" rope (mode NORM) rotates.
@@ -114,37 +123,48 @@ class DecoderFamily(ModelFamily):
     def __init__(self, model: HFModel) -> None:
         super().__init__(model)
         from transformers import AutoConfig
+        # before transformers reads it: some configs make it allocate per layer
+        check_raw_config(model.config, model.text_config, len(model.tensor_names()))
         try:
             self.hf_config = AutoConfig.from_pretrained(str(model.path), local_files_only=True)
         except Exception as e:
-            raise InputError(f"transformers cannot read {model.path / 'config.json'} ({type(e).__name__}: {e})") from None
+            detail = " ".join(str(e).split())  # its validation messages span several lines
+            raise InputError(f"transformers cannot read {model.path / 'config.json'} ({type(e).__name__}: {detail})") from None
         self.c = self.hf_config.get_text_config()
+        check_resolved(self.arch, n_layers=self.n_layers, n_embd=self.n_embd, n_head=self.n_head,
+                       n_head_kv=self.n_head_kv, head_dim=self.head_dim,
+                       # transformers fills in hidden // heads; a nested text_config's class default is real
+                       head_dim_given=(model.text_config.get("head_dim") is not None
+                                       or model.text_config is not model.config),
+                       n_ff=self.c.intermediate_size, vocab=self.vocab_size, n_ctx=self.c.max_position_embeddings,
+                       eps=self.c.rms_norm_eps, layer_types=self.layer_types())
         self.tmap = gguf.get_tensor_name_map(self.gguf_arch, self.n_layers)
 
     # -- hyperparameters --------------------------------------------------------------------------------------
+    # (values as transformers resolved them; check_resolved refuses any that is not a positive integer)
     @property
     def n_layers(self) -> int:
-        return int(self.c.num_hidden_layers)
+        return self.c.num_hidden_layers
 
     @property
     def n_embd(self) -> int:
-        return int(self.c.hidden_size)
+        return self.c.hidden_size
 
     @property
     def n_head(self) -> int:
-        return int(self.c.num_attention_heads)
+        return self.c.num_attention_heads
 
     @property
     def n_head_kv(self) -> int:
-        return int(getattr(self.c, "num_key_value_heads", None) or self.n_head)
+        return getattr(self.c, "num_key_value_heads", None) or self.n_head
 
     @property
     def head_dim(self) -> int:
-        return int(getattr(self.c, "head_dim", None) or self.n_embd // self.n_head)
+        return getattr(self.c, "head_dim", None) or self.n_embd // self.n_head
 
     @property
     def vocab_size(self) -> int:
-        return int(self.c.vocab_size)
+        return self.c.vocab_size
 
     @property
     def tied(self) -> bool:
@@ -186,8 +206,30 @@ class DecoderFamily(ModelFamily):
     def check(self) -> None:
         """Family-specific InputErrors (called by validate)."""
 
+    def dims(self) -> dict[str, int]:
+        """Values of the dimension names used in layer_tensors / global_tensors."""
+        return {H: self.n_embd, FF: self.c.intermediate_size, VOCAB: self.vocab_size, HD: self.head_dim,
+                Q: self.n_head * self.head_dim, KV: self.n_head_kv * self.head_dim}
+
+    def layer_tensors(self) -> dict[str, tuple[str, ...]]:
+        """Every tensor one layer must have (name after "model.layers.N.") -> shape in dimension names; the
+        llama layout, which families extend. What llama.cpp's loader requires for the arch, plus what HF's
+        config says is there (biases), so that the file computes what transformers computes."""
+        return {"input_layernorm.weight": (H,),
+                "self_attn.q_proj.weight": (Q, H), "self_attn.k_proj.weight": (KV, H),
+                "self_attn.v_proj.weight": (KV, H), "self_attn.o_proj.weight": (H, Q),
+                "post_attention_layernorm.weight": (H,),
+                "mlp.gate_proj.weight": (FF, H), "mlp.up_proj.weight": (FF, H), "mlp.down_proj.weight": (H, FF)}
+
+    def global_tensors(self) -> dict[str, tuple[str, ...]]:
+        """Tensors outside the layers (HF text names) -> shape; lm_head only where the output is untied."""
+        out = {"model.embed_tokens.weight": (VOCAB, H), "model.norm.weight": (H,)}
+        return out if self.tied else {**out, "lm_head.weight": (VOCAB, H)}
+
     # -- ModelFamily -----------------------------------------------------------------------------------------
     def validate(self) -> None:
+        for kind in sorted(set(self.layer_types())):
+            check_rope(self.rope(kind), f"config.json rope settings of {kind} layers")
         act = getattr(self.c, "hidden_activation", None) or getattr(self.c, "hidden_act", None)
         if act not in self.activations:
             raise InputError(f"{self.model.architecture}: hidden activation {act!r} is not supported "
@@ -252,30 +294,22 @@ class DecoderFamily(ModelFamily):
         return hf_name
 
     def _plan(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        found = self._text_tensors()
+        self._check_tensor_set(found)
         out: dict[str, tuple[str, tuple[int, ...]]] = {}
-        for hf_name in self.model.tensor_names():
-            text_name = self.hf_text_name(hf_name)
-            if text_name is None:
-                continue
+        for text_name, hf_name in found.items():
             name = self.tmap.get_name(text_name, try_suffixes=(".weight", ".bias"))
             if name is None:
-                raise InputError(f"tensor {hf_name} has no {self.arch} GGUF name; this checkpoint has weights "
+                raise InputError(f"tensor {show(hf_name)} has no {self.arch} GGUF name; this checkpoint has weights "
                                  f"llama.cpp's {self.arch} does not use (an unsupported variant?)")
             if name in out:
-                raise InputError(f"tensors {out[name][0]} and {hf_name} both map to {name}")
+                raise InputError(f"tensors {show(out[name][0])} and {show(hf_name)} both map to {name}")
             out[name] = (hf_name, self.model.shape(hf_name))
-        if "token_embd.weight" not in out:
-            raise InputError(f"{self.model.path} has no token embedding (model.embed_tokens.weight)")
         if "output.weight" in out and self.tied:
             del out["output.weight"]  # llama.cpp reuses token_embd when output.weight is absent
-        elif "output.weight" not in out and not self.tied:
-            raise InputError("config says tie_word_embeddings=false but the checkpoint has no lm_head.weight")
         if "output.weight" in out and not self.untied_output_ok:
             raise InputError(f"llama.cpp's {self.arch} always ties the output projection to token_embd, but this "
                              "checkpoint has a separate lm_head.weight (tie_word_embeddings=false)")
-        rows = out["token_embd.weight"][1][0]
-        if rows != self.vocab_size:
-            raise InputError(f"token embedding has {rows} rows but config vocab_size is {self.vocab_size}")
 
         def order(name: str) -> tuple:
             parts = name.split(".")
@@ -283,3 +317,61 @@ class DecoderFamily(ModelFamily):
                 return (1, int(parts[1]), name)
             return (0 if name.startswith("token_embd") else 2, 0, name)
         return [(n, *out[n]) for n in sorted(out, key=order)]
+
+    def _text_tensors(self) -> dict[str, str]:
+        """HF text-model name -> name in the checkpoint, for every tensor the conversion reads."""
+        found: dict[str, str] = {}
+        for hf_name in self.model.tensor_names():
+            text_name = self.hf_text_name(hf_name)
+            if text_name is None:
+                continue
+            if text_name in found:
+                raise InputError(f"tensors {show(found[text_name])} and {show(hf_name)} are the same weight under two "
+                                 "names; remove one")
+            found[text_name] = hf_name
+        return found
+
+    def _check_tensor_set(self, found: dict[str, str]) -> None:
+        """The checkpoint holds exactly the tensors this config describes, each with its shape and a float dtype:
+        no layer missing or beyond num_hidden_layers, no tensor missing, extra, or of another shape."""
+        n = self.n_layers
+        for text_name, hf_name in found.items():
+            m = _LAYER.match(text_name)
+            if m and int(m.group(1)) >= n:
+                raise InputError(f"tensor {show(hf_name)} belongs to layer {int(m.group(1))}, but config.json says "
+                                 f"num_hidden_layers={n}; the config and the weights do not belong together")
+        want = dict(self.global_tensors())
+        per_layer = self.layer_tensors()
+        for i in range(n):
+            want.update({f"model.layers.{i}.{k}": v for k, v in per_layer.items()})
+        optional = {"lm_head.weight"} if self.tied else set()  # tied: llama.cpp reads token_embd, lm_head is dropped
+        for text_name, hf_name in found.items():
+            if text_name not in want and text_name not in optional:
+                raise InputError(f"tensor {show(hf_name)} is not part of {self.model.architecture} as config.json "
+                                 f"describes it; llama.cpp's {self.arch} has no place for it (another variant, or a "
+                                 "config.json from another model?)")
+        missing = [t for t in want if t not in found]
+        if missing:
+            if missing[0] == "model.embed_tokens.weight":
+                raise InputError(f"{self.model.path} has no token embedding (model.embed_tokens.weight)")
+            if missing[0] == "lm_head.weight":
+                raise InputError("config says tie_word_embeddings=false but the checkpoint has no lm_head.weight")
+            more = f" ({len(missing)} tensors are missing)" if len(missing) > 1 else ""
+            raise InputError(f"tensor {missing[0]} is missing{more}: {self.model.architecture} with "
+                             f"num_hidden_layers={n} needs it; the checkpoint is incomplete or config.json belongs "
+                             "to another model")
+        dims = self.dims()
+        for text_name, hf_name in found.items():
+            got = self.model.shape(hf_name)
+            names = want.get(text_name) or want.get("model.embed_tokens.weight", ())  # a tied lm_head: embedding shape
+            need = tuple(dims[d] for d in names)
+            if got != need:
+                raise InputError(f"tensor {show(hf_name)} has shape {_fmt(got)}, but config.json needs {_fmt(need)} "
+                                 f"({' x '.join(names)}); the config and the weights do not belong together")
+            if self.model.dtype(hf_name) not in FLOAT_DTYPES:
+                raise InputError(f"tensor {show(hf_name)} is stored as {self.model.dtype(hf_name)}; weights must be "
+                                 f"{'/'.join(FLOAT_DTYPES)} (a quantized or corrupt checkpoint?)")
+
+
+def _fmt(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape)) or "scalar"

@@ -19,12 +19,23 @@ import gguf
 import numpy as np
 
 from ..errors import InputError
-from .base import DecoderFamily
+from .base import H, DecoderFamily
 
 
 class GemmaBase(DecoderFamily):
     activations = ("gelu_pytorch_tanh", "gelu_tanh")  # llama.cpp's gemma graphs use the tanh GELU
     big_layer_count: int = -1  # the 27B model, where llama.cpp uses n_embd / n_head as the attention scale size
+
+    def layer_tensors(self) -> dict[str, tuple[str, ...]]:
+        # Gemma norms around both blocks: input / post_attention (-> attn_norm / attn_post_norm) and
+        # pre_feedforward / post_feedforward (-> ffn_norm / ffn_post_norm); llama.cpp requires all four
+        return {**super().layer_tensors(), "pre_feedforward_layernorm.weight": (H,),
+                "post_feedforward_layernorm.weight": (H,)}
+
+    def check_no_attention_bias(self) -> None:
+        if getattr(self.c, "attention_bias", False):
+            raise InputError(f"{self.model.architecture} config sets attention_bias=true; llama.cpp's {self.arch} has "
+                             "no attention output bias")
 
     def norm_shifted(self, name: str, x: np.ndarray) -> np.ndarray:
         return x + np.float32(1.0) if name.endswith("norm.weight") else x
@@ -51,6 +62,7 @@ class Gemma2Family(GemmaBase):
     big_layer_count = 46
 
     def check(self) -> None:
+        self.check_no_attention_bias()
         for key in ("attn_logit_softcapping", "final_logit_softcapping"):
             if not getattr(self.c, key, None):
                 raise InputError(f"Gemma2 config without {key}: llama.cpp's gemma2 always applies it")

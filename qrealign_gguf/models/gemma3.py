@@ -12,6 +12,7 @@ import gguf
 import numpy as np
 
 from ..errors import InputError
+from .base import HD
 from .gemma2 import GemmaBase
 
 _VISION = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
@@ -34,7 +35,11 @@ class Gemma3Family(GemmaBase):
                 return new + hf_name[len(old):]
         return super().hf_text_name(hf_name)
 
+    def layer_tensors(self) -> dict[str, tuple[str, ...]]:
+        return {**super().layer_tensors(), "self_attn.q_norm.weight": (HD,), "self_attn.k_norm.weight": (HD,)}
+
     def check(self) -> None:
+        self.check_no_attention_bias()
         if getattr(self.c, "attn_logit_softcapping", None):
             raise InputError("Gemma3 config sets attn_logit_softcapping, which llama.cpp's gemma3 does not apply")
         local = self.rope("sliding_attention")

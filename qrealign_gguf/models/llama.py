@@ -17,7 +17,7 @@ import gguf
 import numpy as np
 
 from ..errors import InputError
-from .base import DecoderFamily, TensorSource, llama3_rope_factors, permute_rotary
+from .base import FF, H, KV, Q, DecoderFamily, TensorSource, llama3_rope_factors, permute_rotary
 
 
 class LlamaFamily(DecoderFamily):
@@ -30,8 +30,15 @@ class LlamaFamily(DecoderFamily):
         prf = self.rope().get("partial_rotary_factor", getattr(self.c, "partial_rotary_factor", None))
         if prf not in (None, 1, 1.0):
             raise InputError(f"partial_rotary_factor={prf} is not supported by llama.cpp's llama arch")
-        if self.n_head % self.n_head_kv:
-            raise InputError(f"num_attention_heads={self.n_head} is not a multiple of num_key_value_heads={self.n_head_kv}")
+
+    def layer_tensors(self) -> dict[str, tuple[str, ...]]:
+        out = super().layer_tensors()
+        if getattr(self.c, "attention_bias", False):  # HF: one flag for the q, k, v and o biases
+            out.update({"self_attn.q_proj.bias": (Q,), "self_attn.k_proj.bias": (KV,), "self_attn.v_proj.bias": (KV,),
+                        "self_attn.o_proj.bias": (H,)})
+        if getattr(self.c, "mlp_bias", False):
+            out.update({"mlp.gate_proj.bias": (FF,), "mlp.up_proj.bias": (FF,), "mlp.down_proj.bias": (H,)})
+        return out
 
     def transform(self, name: str, x: np.ndarray) -> np.ndarray:
         if ".attn_q." in name:

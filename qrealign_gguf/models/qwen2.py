@@ -10,7 +10,7 @@ from __future__ import annotations
 import gguf
 
 from ..errors import InputError
-from .base import DecoderFamily
+from .base import KV, Q, DecoderFamily
 
 
 class Qwen2Family(DecoderFamily):
@@ -26,3 +26,8 @@ class Qwen2Family(DecoderFamily):
         if self.head_dim * self.n_head != self.n_embd:
             raise InputError(f"head_dim {self.head_dim} x {self.n_head} heads != hidden_size {self.n_embd}; "
                              "llama.cpp's qwen2 cannot hold this shape")
+
+    def layer_tensors(self) -> dict[str, tuple[str, ...]]:
+        # HF's Qwen2Attention always has q/k/v biases (and none on o_proj): a checkpoint without them is incomplete
+        return {**super().layer_tensors(), "self_attn.q_proj.bias": (Q,), "self_attn.k_proj.bias": (KV,),
+                "self_attn.v_proj.bias": (KV,)}

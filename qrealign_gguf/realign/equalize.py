@@ -174,15 +174,18 @@ class GroupReport:
 def choose(layer: torch.nn.Module, run: Callable[[], None], encoders: dict[str, tuple[QType, np.ndarray | None]],
            n_heads: int, n_kv: int) -> tuple[Scales, list[GroupReport]]:
     """The four groups' scales for `layer` (not yet folded). encoders: module -> (type, imatrix) of the linears
-    that are block-encoded; the others are stored exactly and add no error."""
+    that are block-encoded, i.e. written from the folded layer. A linear outside it (e.g. an F16 fallback for rows
+    that are no multiple of the block) is written from the source, unscaled, so every group that touches it keeps
+    the identity: scaling only its partner would change the model the file computes."""
     stats = collect(layer, run, ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"))
     reports: list[GroupReport] = []
 
     def group(name: str, consumers: tuple[str, ...], st: InputStats, mean_abs: np.ndarray,
-              expand: Callable[[np.ndarray], np.ndarray] = lambda s: s) -> np.ndarray:
-        mods = [m for m in consumers if m in encoders]
-        if not mods:
+              expand: Callable[[np.ndarray], np.ndarray] = lambda s: s, producer: str | None = None) -> np.ndarray:
+        # the producer is the linear whose rows take 1/s (v, up); the norms' 1/s is always written (F32)
+        if not all(m in encoders for m in consumers + ((producer,) if producer else ())):
             return np.ones_like(mean_abs, dtype=np.float32)
+        mods = list(consumers)
         ws = [layer.get_submodule(m).weight.detach().float().cpu().numpy() for m in mods]
         enc = rtn_encoder([encoders[m][0] for m in mods], [encoders[m][1] for m in mods])
         best_s, best, base = np.ones_like(mean_abs, dtype=np.float32), None, None
@@ -201,8 +204,9 @@ def choose(layer: torch.nn.Module, run: Callable[[], None], encoders: dict[str, 
         attn=group("attn_norm->qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                    stats["self_attn.q_proj"], stats["self_attn.q_proj"].mean_abs),
         vo=group("v->o", ("self_attn.o_proj",), stats["self_attn.o_proj"], vo_mean,
-                 lambda s: o_columns(s, n_heads, n_kv)),
+                 lambda s: o_columns(s, n_heads, n_kv), producer="self_attn.v_proj"),
         ffn=group("ffn_norm->gate/up", ("mlp.gate_proj", "mlp.up_proj"), stats["mlp.gate_proj"],
                   stats["mlp.gate_proj"].mean_abs),
-        ud=group("up->down", ("mlp.down_proj",), stats["mlp.down_proj"], stats["mlp.down_proj"].mean_abs),
+        ud=group("up->down", ("mlp.down_proj",), stats["mlp.down_proj"], stats["mlp.down_proj"].mean_abs,
+                 producer="mlp.up_proj"),
     ), reports
