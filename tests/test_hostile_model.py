@@ -243,6 +243,20 @@ def test_nan_imatrix_file_is_refused(model):
     assert_refused(r, before, model.parent, out, match="blk.0.attn_q.weight")
 
 
+def test_nan_weight_is_refused_before_realignment(tiny, model):
+    """Realignment reads every tensor before the long work: a NaN weight must not surface after it."""
+    def poison(t: dict[str, np.ndarray]) -> None:
+        t["model.layers.1.mlp.down_proj.weight"][3, 5] = np.nan
+
+    edit_tensors(model, poison)
+    out = model.parent.parent / "out"
+    out.mkdir()
+    before = snapshot(model.parent, out)
+    r = run_cli(["convert", model, "-o", out / "o.gguf", "--outtype", "Q8_0", "--aligned", tiny, "--realign-iters", "1"])
+    line = assert_refused(r, before, model.parent, out, match="NaN")
+    assert "down_proj" in line
+
+
 SHAPES = {"blk.0.attn_q.weight": (64, 64), "blk.0.ffn_down.weight": (64, 128), "blk.0.attn_norm.weight": (64,)}
 
 

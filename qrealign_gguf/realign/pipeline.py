@@ -269,6 +269,15 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def check_finite_weights(plan) -> None:  # noqa: ANN001 - convert.Plan
+    """Read every tensor once before the long work: a NaN or Inf weight would otherwise surface only when the
+    file is written, after the whole realignment (the write refuses it, so nothing bad is left, but hours are lost)."""
+    for t in plan.tensors:
+        if not np.isfinite(t.source.load()).all():
+            raise InputError(f"tensor {t.source.hf_name or t.source.name} contains NaN or Inf values; "
+                             "the checkpoint is broken, fix it before converting")
+
+
 def prepare_realign(req: RealignRequest, plan, console=None) -> ProbeSet | None:  # noqa: ANN001
     """Validate every realignment input; returns loaded probes (None when they will be fit on --aligned)."""
     if req.aligned is not None and req.probes is not None:
@@ -292,6 +301,7 @@ def prepare_realign(req: RealignRequest, plan, console=None) -> ProbeSet | None:
     parse_layers(req.probe_layers, int(mine["num_hidden_layers"]))
     load_prompts(req.harmful, expect_label=1)  # whole files: a bad line 400 must not surface hours later
     load_prompts(req.benign, expect_label=0)
+    check_finite_weights(plan)
     if req.aligned is not None:
         check_compatible(model_signature(req.aligned), mine, f"aligned model {req.aligned}", str(req.finetuned))
         return None
