@@ -8,7 +8,7 @@ NATIVE_SRC := $(wildcard native/*.c native/*.h native/*.py native/*.cu)
 DEMO_TYPE ?= Q4_K_M
 PYTEST_ARGS ?=
 
-.PHONY: all install llama llama-patched models demo test bench bench-types cuda-check testbed experiment clean
+.PHONY: all install llama llama-patched models demo test fuzz bench bench-types cuda-check testbed experiment clean
 
 all: install llama
 
@@ -57,6 +57,16 @@ demo: install llama models
 
 test: install llama llama-patched cuda-check
 	$(VPY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
+
+# the long fuzz campaign (make test runs 300 mutants per format): FUZZ_CASES mutants x 5 seeds per format, each
+# checked against the reference reader (ggml's gguf loader, the safetensors package); results in out/fuzz/
+FUZZ_CASES ?= 2000
+fuzz: install llama
+	mkdir -p out/fuzz
+	for seed in 1 2 3 4 5; do for fmt in gguf safetensors; do \
+		bash -c "ulimit -v 4194304; $(VPY) tests/fuzz_inputs.py $$fmt --cases $(FUZZ_CASES) --seed $$seed \
+			--json out/fuzz/$$fmt-$$seed.json > /dev/null" || exit 1; done; done
+	$(VPY) -c "import json,glob; [print(f, {k: (len(v) if isinstance(v, list) else v) for k, v in json.load(open(f)).items()}) for f in sorted(glob.glob('out/fuzz/*.json'))]"
 
 bench: install llama llama-patched
 	$(VPY) tools/bench_encoders.py
