@@ -1,6 +1,10 @@
 """Prompt files: JSON lines with a "prompt" (and for safety work a "label"), or plain text, one per line.
 
-`builtin:benign` / `builtin:harmful` name the calibration sets shipped in qrealign_gguf/data (see LICENSES.md).
+`builtin:benign` / `builtin:harmful` name the calibration sets shipped in qrealign_gguf/data (see LICENSES.md);
+`builtin:benign-varied` / `builtin:harmful-varied` are the same prompts, each rephrased into one of several
+phrasing styles (prompt_styles.vary, fixed seed: reproducible; harmful and benign alike, so the phrasing alone is
+no signal). Optional "style" / "category" / "length" fields (prompt_styles tags) are kept for per-style and
+per-category evaluation.
 """
 from __future__ import annotations
 
@@ -12,12 +16,18 @@ from pathlib import Path
 from .errors import InputError
 
 BUILTIN = {"builtin:benign": "calib_benign.jsonl", "builtin:harmful": "calib_harmful.jsonl"}
+VARIED = {"builtin:benign-varied": "builtin:benign", "builtin:harmful-varied": "builtin:harmful"}
+VARIED_SEED = 0
+TAG_FIELDS = ("style", "category", "length")
 
 
 @dataclass(frozen=True)
 class Prompt:
     text: str
     label: int | None = None  # 1 harmful, 0 benign, None unknown
+    style: str | None = None  # phrasing style (prompt_styles.STYLES), when the file gives one
+    category: str | None = None  # harm category (prompt_styles.CATEGORIES)
+    length: str | None = None  # short / medium / long
 
 
 def load_prompts(path: str | Path, need_labels: bool = False, limit: int | None = None,
@@ -28,13 +38,15 @@ def load_prompts(path: str | Path, need_labels: bool = False, limit: int | None 
     so a swapped or unlabelled file is caught before hours of calibration on the wrong side."""
     need_labels = need_labels or expect_label is not None
     name = str(path)
+    if name in VARIED:
+        return _varied(name, limit, expect_label)
     if name in BUILTIN:
         text = resources.files("qrealign_gguf.data").joinpath(BUILTIN[name]).read_text()
         suffix = ".jsonl"
     else:
         p = Path(path)
         if not p.is_file():
-            raise InputError(f"prompt file {p} does not exist (or use {' / '.join(BUILTIN)})")
+            raise InputError(f"prompt file {p} does not exist (or use {' / '.join([*BUILTIN, *VARIED])})")
         text = p.read_text(encoding="utf-8", errors="replace")
         suffix = p.suffix
     out: list[Prompt] = []
@@ -55,7 +67,11 @@ def load_prompts(path: str | Path, need_labels: bool = False, limit: int | None 
                 kind = {0: "benign", 1: "harmful"}
                 raise InputError(f"{name} line {n} is labelled {kind[label]} ({label}) but the file is used as "
                                  f"{kind[expect_label]} prompts; check --harmful/--benign")
-            out.append(Prompt(row["prompt"], label if label in (0, 1) else None))
+            for f in TAG_FIELDS:
+                if f in row and not (isinstance(row[f], str) and row[f].strip()):
+                    raise InputError(f"{name} line {n}: \"{f}\" must be a non-empty string, got {row[f]!r}")
+            out.append(Prompt(row["prompt"], label if label in (0, 1) else None,
+                              **{f: row[f] for f in TAG_FIELDS if f in row}))
         else:
             if need_labels and expect_label is None:
                 raise InputError(f"{name}: labelled prompts must be JSON lines with \"prompt\" and \"label\"")
@@ -65,3 +81,14 @@ def load_prompts(path: str | Path, need_labels: bool = False, limit: int | None 
     if not out:
         raise InputError(f"{name} holds no prompts")
     return out
+
+
+def _varied(name: str, limit: int | None, expect_label: int | None) -> list[Prompt]:
+    """A builtin set rephrased (prompt_styles.vary); the first N rephrasings are the first N prompts' (a prefix of
+    whole template blocks covers every style equally)."""
+    from .prompt_styles import tag_category, tag_length, tag_style, vary
+
+    base = load_prompts(VARIED[name], limit=limit, expect_label=expect_label)
+    harmful = base[0].label == 1
+    return [Prompt(text, p.label, tag_style(text), tag_category(text) if harmful else None, tag_length(text))
+            for p, (text, _) in zip(base, vary([p.text for p in base], seed=VARIED_SEED))]

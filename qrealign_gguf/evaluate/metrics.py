@@ -14,17 +14,25 @@ perplexity_kld      the pinned llama-perplexity on benign text: `--kl-divergence
 paired_delta        KLD of two variants on the same text, compared chunk by chunk: the per-token KLDs of two
                     quantizations of one model move together, so the paired difference is far tighter than the
                     two files' own ± (which mostly measure how hard the text is).
+wilson              95 % Wilson score interval of a rate k/n: every rate in the report carries one ("<key>_ci"),
+                    since a claim like "meets the goal" needs the interval, not the point (41 prompts: +-15 points).
+breakdown           refusal per phrasing style / harm category / length, where the prompts carry those fields
+                    (prompt_styles tags), with both judges and intervals.
 """
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from ..llama_runtime import LlamaBuild, find_llama
+from ..llamacpp import LlamaBuild, find_llama
+
+if TYPE_CHECKING:
+    from ..prompts import Prompt
 
 _TOKEN = re.compile(r"[a-z0-9]+")
 
@@ -162,7 +170,7 @@ def choose_ctx(n_tokens: int) -> int:
 
 def _run(cmd: list[str], build: LlamaBuild) -> str:
     env = build.env()
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see generate._run_child
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see llamacpp.client._child_env
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, errors="replace")
     text = res.stdout + "\n" + res.stderr
     if res.returncode != 0:
@@ -197,3 +205,78 @@ def kld_variant(variant_gguf: str | Path, base_file: str | Path, n_ctx: int, *, 
     if "ppl" not in vals or "kld" not in vals:
         raise PerplexityError(f"could not find Mean PPL(Q) / Mean KLD in llama-perplexity output for {variant_gguf}")
     return PPLResult(vals["ppl"], vals.get("ppl_base"), vals["kld"], vals.get("kld_unc"), n_ctx, chunk_klds(out))
+
+
+# -- intervals and per-style / per-category breakdowns ----------------------------------------------
+Z95 = 1.959964  # two-sided 95 % normal quantile
+BREAKDOWN_FIELDS = ("style", "category", "length")  # Prompt attributes (see prompts.TAG_FIELDS)
+
+
+def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float] | None:
+    """Wilson score interval of the proportion k/n (stays inside [0, 1] and is sensible at k = 0 or n);
+    None for n = 0."""
+    if n <= 0:
+        return None
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def rates(verdicts: dict[str, Sequence[bool] | None]) -> dict:
+    """{"<name>": rate, "<name>_ci": [lo, hi]} for each judge's verdict list (None: that judge did not run)."""
+    out: dict = {}
+    for name, v in verdicts.items():
+        if v is None:
+            continue
+        k, n = sum(bool(x) for x in v), len(v)
+        out[name] = k / n if n else None
+        ci = wilson(k, n)
+        out[f"{name}_ci"] = list(ci) if ci else None
+    return out
+
+
+def breakdown(prompts: Sequence[Prompt], verdicts: dict[str, Sequence[bool] | None]) -> dict[str, dict]:
+    """{"by_style": {style: {"n", "refusal", "refusal_ci", ...}}, "by_category": ..., "by_length": ...} for the
+    fields the prompts carry (a field missing on some prompts groups them under "untagged")."""
+    out: dict[str, dict] = {}
+    for field in BREAKDOWN_FIELDS:
+        values = [getattr(p, field) for p in prompts]
+        if all(v is None for v in values):
+            continue
+        groups: dict[str, list[int]] = {}
+        for i, v in enumerate(values):
+            groups.setdefault(v or "untagged", []).append(i)
+        out[f"by_{field}"] = {g: {"n": len(idx), **rates({k: None if vs is None else [vs[i] for i in idx]
+                                                          for k, vs in verdicts.items()})}
+                              for g, idx in sorted(groups.items())}
+    return out
+
+
+def add_intervals(report: dict, sets: dict[str, Sequence[Prompt]]) -> dict:
+    """Wilson intervals for every rate of an eval report (refusal by each judge, benign answered, judge agreement)
+    and the per-style / per-category breakdowns, computed from the per-answer verdicts the report keeps
+    (variant["answers"][set][i]["refused_keyword" / "refused_model"]). Returns the report, changed in place."""
+    two = report.get("judge", {}).get("primary") == "model"
+    for v in report["variants"]:
+        ans = v.get("answers", {})
+        for k, prompts in sets.items():
+            rows = ans.get(k)
+            if not rows or not v.get(k):
+                continue
+            kw = [bool(r["refused_keyword"]) for r in rows]
+            mj = [bool(r["refused_model"]) for r in rows] if two else None
+            prim = mj if two else kw
+            if k == "benign":  # answered = not refused
+                v[k].update(rates({"answered": [not x for x in prim], "answered_keyword": [not x for x in kw],
+                                   "answered_model": None if mj is None else [not x for x in mj]}))
+            else:
+                v[k].update(rates({"refusal": prim, "refusal_keyword": kw, "refusal_model": mj}))
+                v[k].update(breakdown(prompts, {"refusal": prim, "refusal_keyword": kw, "refusal_model": mj}))
+    agr = report.get("judge", {}).get("agreement")
+    if agr and agr.get("n"):
+        agree = agr["n"] - agr["only_a"] - agr["only_b"]
+        ci = wilson(agree, agr["n"])
+        agr["percent_ci"] = [100 * ci[0], 100 * ci[1]] if ci else None
+    return report

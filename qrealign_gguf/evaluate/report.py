@@ -4,16 +4,19 @@ The report is a plain dict (JSON-ready) built by evaluate.cli.run_eval:
 
     {"settings": {...}, "judge": {...}, "variants": [
         {"name", "path", "kind": "gguf"|"hf", "sha256" (of the GGUF file; null for an HF directory),
-         "harmful":     {"n", "refusal", "refusal_keyword", "refusal_model"},
-         "overrefusal": {"n", "refusal", "refusal_keyword", "refusal_model"},
-         "benign":      {"n", "answered", "rouge_l", "token_f1"},
+         "harmful":     {"n", "refusal", "refusal_keyword", "refusal_model", "<rate>_ci": [lo, hi] for each rate,
+                         "by_style" / "by_category" / "by_length": {group: {"n", "refusal", "refusal_ci", ...}}
+                         (when the prompts carry those fields)},
+         "overrefusal": {the same},
+         "benign":      {"n", "answered", "answered_ci", "answered_keyword", "answered_keyword_ci", "rouge_l", "token_f1"},
          "ppl", "ppl_base", "kld", "kld_unc", "kld_chunks" (each chunk's mean KLD),
          "kld_delta": {"vs", "delta", "se", "chunks"} (KLD minus the first KLD variant's, paired by chunk),
          "generation": {"seconds", "generated_tokens", "tokens_per_s"},
          "answers": {"harmful": [...], ...}}, ...]}
 
 "refusal" is the primary judge's rate (the model judge when one was given, else the keyword judge); rates are
-fractions 0..1; missing metrics are null.
+fractions 0..1 and "_ci" their 95 % Wilson intervals (metrics.add_intervals); judge.agreement has "percent_ci";
+missing metrics are null.
 """
 from __future__ import annotations
 
@@ -39,6 +42,14 @@ def _get(v: dict, section: str, key: str) -> float | None:
     return None if not s else s.get(key)
 
 
+def _rate(sec: dict | None, key: str) -> str:
+    """"58.5% [43-72]": the rate and its 95 % interval (whole points), when the report has one."""
+    if not sec:
+        return "-"
+    ci = sec.get(f"{key}_ci")
+    return _pct(sec.get(key)) + (f" [{100 * ci[0]:.0f}-{100 * ci[1]:.0f}]" if ci else "")
+
+
 def print_table(report: dict, console: Console | None = None) -> None:
     """One row per variant. With a model judge, the keyword judge's rates follow in "(kw)" columns."""
     console = console or Console()
@@ -49,11 +60,11 @@ def print_table(report: dict, console: Console | None = None) -> None:
     cols: list[tuple[str, object]] = [("model", lambda v: v["name"])]
     for sec, head in (("harmful", "harmful\nrefused"), ("overrefusal", "over-\nrefusal")):
         if any(v.get(sec) for v in vs):
-            cols.append((head, lambda v, sec=sec: _pct(_get(v, sec, "refusal"))))
+            cols.append((head, lambda v, sec=sec: _rate(v.get(sec), "refusal")))
             if two:
-                cols.append(("(kw)", lambda v, sec=sec: _pct(_get(v, sec, "refusal_keyword"))))
+                cols.append(("(kw)", lambda v, sec=sec: _rate(v.get(sec), "refusal_keyword")))
     if any(v.get("benign") for v in vs):
-        cols.append(("benign\nanswered", lambda v: _pct(_get(v, "benign", "answered"))))
+        cols.append(("benign\nanswered", lambda v: _rate(v.get("benign"), "answered")))
         if any(_get(v, "benign", "rouge_l") is not None for v in vs):
             cols.append(("ROUGE-L\nvs ref", lambda v: _num(_get(v, "benign", "rouge_l"), "{:.3f}")))
     if any(v.get("kld") is not None for v in vs):
@@ -80,14 +91,41 @@ def print_table(report: dict, console: Console | None = None) -> None:
                 label = cols[i - 1][0].replace("-\n", "-").replace("\n", " ") + " (kw)"
             t.add_row(label, *[row[i] for row in cells])
     console.print(t)
+    print_breakdowns(report, console)
     agr = judge.get("agreement")
     if agr:
         k = agr.get("kappa")
-        console.print(f"judges agree on {agr['percent']:.1f}% of {agr['n']} answers, Cohen's kappa "
+        ci = agr.get("percent_ci")
+        span = f" [{ci[0]:.0f}-{ci[1]:.0f}]" if ci else ""
+        console.print(f"judges agree on {agr['percent']:.1f}%{span} of {agr['n']} answers, Cohen's kappa "
                       f"{'undefined' if k is None else f'{k:.3f}'} (refusal by keyword only: {agr['only_a']}, "
                       f"by model only: {agr['only_b']})")
     for note in report.get("notes", []):
         console.print(f"note: {note}", style="yellow")
+
+
+def print_breakdowns(report: dict, console: Console) -> None:
+    """Refusal per style / category / length (a table per set and field; a column per variant), when the prompts
+    carried those fields. With a model judge each cell also gives the keyword judge's rate."""
+    vs = report["variants"]
+    two = report.get("judge", {}).get("primary") == "model"
+    for sec in ("harmful", "overrefusal"):
+        for field in ("style", "category", "length"):
+            key = f"by_{field}"
+            groups = sorted({g for v in vs for g in ((v.get(sec) or {}).get(key) or {})})
+            if not groups:
+                continue
+            t = Table(title=f"{sec} refusal by {field} (95 % Wilson interval)")
+            t.add_column(field)
+            t.add_column("n", justify="right")
+            for v in vs:
+                t.add_column(v["name"], justify="right", overflow="fold")
+            for g in groups:
+                cells = [((v.get(sec) or {}).get(key) or {}).get(g) for v in vs]
+                n = next((c["n"] for c in cells if c), 0)
+                t.add_row(g, str(n), *[_rate(c, "refusal") + (f" (kw {_pct(c.get('refusal_keyword'))})" if two and c
+                                                             else "") for c in cells])
+            console.print(t)
 
 
 def _clean(x):  # noqa: ANN001, ANN202 - JSON has no NaN

