@@ -12,8 +12,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
+import gguf
+import numpy as np
+
+from .errors import InputError
 from .formats.types import QType, qtype
+from .hf_model import HFModel
+from .models import family_for
+from .models.base import ModelFamily, TensorSource
 
 # outtype -> (base ggml type, mix name or None for "every matrix this type")
 OUTTYPES: dict[str, tuple[str, str | None]] = {
@@ -161,3 +169,72 @@ def plan_types(outtype: str, tensors: list[PlanInput], n_layer: int, n_head: int
                                              n_gqa, tied, has_imatrix)
         out[t.name] = qtype(shape_fallback(chosen, t.shape[-1], k128=outtype in K128_FALLBACK))
     return out
+
+
+# -- the plan of one conversion: every tensor's type and size, and the output name, before a byte is written ------
+@dataclass
+class PlannedTensor:
+    source: TensorSource
+    qtype: QType
+    nbytes: int
+
+
+@dataclass
+class Plan:
+    family: ModelFamily
+    outtype: str
+    tensors: list[PlannedTensor]
+    output: Path
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def n_params(self) -> int:
+        return sum(int(np.prod(t.source.shape)) for t in self.tensors)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.total_bytes / max(self.n_params, 1)
+
+    @property
+    def custom_types(self) -> list[str]:
+        """qrealign's own tensor types in this plan (only the patched llama.cpp runs the file)."""
+        return sorted({t.qtype.name for t in self.tensors if t.qtype.custom})
+
+
+def _nbytes(t: QType, shape: tuple[int, ...]) -> int:
+    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    return rows * t.row_bytes(shape[-1])
+
+
+def default_filename(family: ModelFamily, outtype: str, n_params: int, custom: bool) -> str:
+    """<Name>-<Size>-<TYPE>.gguf (gguf-py's naming convention); the size is left out if the name has it.
+    Files holding custom tensor types (QR4_KO, QR5_K128) end in .qrealign.gguf: the name says stock llama.cpp
+    will not load them."""
+    name = family.model.path.resolve().name
+    size = gguf.size_label(n_params, 0, 0, 0)
+    ext = ".qrealign.gguf" if custom else ".gguf"
+    return f"{name}-{outtype}{ext}" if size.lower() in name.lower() else f"{name}-{size}-{outtype}{ext}"
+
+
+def make_plan(model_dir: str | Path, output: str | Path, outtype: str = "Q8_0", *, pure: bool = False,
+              has_imatrix: bool = False) -> Plan:
+    """Everything decided and checked before a byte is written; `output` may be a directory (default name)."""
+    try:
+        outtype = resolve_outtype(outtype)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    model = HFModel(model_dir)
+    family = family_for(model)
+    family.validate()
+    sources = list(family.tensors())
+    types = plan_types(outtype, [PlanInput(s.name, s.shape) for s in sources], n_layer=family.n_layers,
+                       n_head=family.n_head, n_head_kv=family.n_head_kv, has_imatrix=has_imatrix, pure=pure)
+    tensors = [PlannedTensor(s, types[s.name], _nbytes(types[s.name], s.shape)) for s in sources]
+    out = Path(output)
+    if out.is_dir():
+        out = out / default_filename(family, outtype, sum(int(np.prod(s.shape)) for s in sources),
+                                     custom=any(t.custom for t in types.values()))
+    return Plan(family, outtype, tensors, out)

@@ -13,7 +13,8 @@ exactly those of a known family -- the hash only stands in for those rules, and 
 tokenizer with other merges but the same rules is split identically. Anything else is an InputError, never a
 silent default.
 
-The HF tokenizer itself is the reference for added tokens, special token ids and whether BOS/EOS are added.
+The HF tokenizer itself (hf_tokenizer.py: tokenizer.json read as transformers reads it) is the reference for
+added tokens, special token ids and whether BOS/EOS are added.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from typing import Any
 import gguf
 
 from .errors import InputError
+from .hf_tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -108,22 +110,13 @@ class Vocab:
             w.add_chat_template(self.chat_template)
 
 
-def load_hf_tokenizer(path: Path) -> Any:
-    from transformers import AutoTokenizer
-    try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception as e:  # transformers raises many types here
-        raise InputError(f"cannot load the tokenizer in {path} with transformers ({type(e).__name__}: {e}); "
-                         "the folder needs tokenizer.json or tokenizer.model with tokenizer_config.json") from None
-
-
 def build_vocab(path: str | Path, vocab_size: int, *, sentencepiece: bool = True) -> Vocab:
     """The GGUF vocabulary for the model folder, padded to the model's `vocab_size` (embedding rows).
 
     `sentencepiece`: use tokenizer.model when the folder has one (llama, gemma); else byte-level BPE.
     """
     path = Path(path)
-    hf = load_hf_tokenizer(path)
+    hf = load_tokenizer(path)
     spm_file, tj_file = path / "tokenizer.model", path / "tokenizer.json"
     if sentencepiece and spm_file.is_file():
         v = _sentencepiece_vocab(spm_file, vocab_size)
@@ -331,7 +324,7 @@ def _special_tokens(v: Vocab, hf: Any, path: Path) -> None:
         cfg = json.loads((path / "config.json").read_text())
         cfg = {**cfg, **(cfg.get("text_config") or {})}
     for kind in ("bos", "eos", "unk", "pad", "sep"):
-        tid = getattr(hf, f"{kind}_token_id", None)
+        tid = hf.token_id(kind)
         if tid is None:
             tid = cfg.get(f"{kind}_token_id")
             if isinstance(tid, list):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from cffi import FFI
 
-from qrealign_gguf.llama_runtime import LlamaBuild, find_llama
+from qrealign_gguf.llamacpp import LlamaBuild, find_llama
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

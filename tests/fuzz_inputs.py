@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as d:
         if a.format == "gguf":
             if a.ggml_lib is None:
-                from qrealign_gguf.llama_runtime import find_llama
+                from qrealign_gguf.llamacpp import find_llama
                 a.ggml_lib = find_llama().lib_dir / "libggml-base.so"
             res = run_gguf(a.cases, a.seed, a.ggml_lib, Path(d))
         else:

@@ -156,12 +156,12 @@ def tiny_llama(tmp_path_factory):  # noqa: ANN201
 
 
 def _run(tiny_llama, tmp_path, outtype: str, equalize: bool, iters: int = 0, ckpt: str = "ckpt", report=None):  # noqa: ANN001, ANN202
-    from qrealign_gguf.convert import ConvertOptions, make_plan
+    from qrealign_gguf.plan import make_plan
     from qrealign_gguf.realign.calibrate import RealignSettings
     from qrealign_gguf.realign.pipeline import realign_model
 
     d, probes = tiny_llama
-    plan = make_plan(d, tmp_path / "o.gguf", ConvertOptions(outtype=outtype))
+    plan = make_plan(d, tmp_path / "o.gguf", outtype)
     s = RealignSettings(iters=iters, harm_weight=1.0 if iters else 0.0, n_benign=8, n_harmful=8, batch=4,
                         equalize=equalize)
     return realign_model(d, plan, probes, s, checkpoint_dir=tmp_path / ckpt, report=report)
@@ -172,7 +172,7 @@ def test_equalized_file_computes_the_same_model(tiny_llama, tmp_path) -> None:
     equalized file match the plain file's: the rescaled norms/biases were written along with the weights."""
     from qrealign_gguf.convert import ConvertOptions, convert
     from qrealign_gguf.gguf_read import GGUFReader
-    from qrealign_gguf.llama_logits import logits
+    from qrealign_gguf.llamacpp import logits
 
     d, _ = tiny_llama
     packed = _run(tiny_llama, tmp_path, "Q8_0", equalize=True)
@@ -253,11 +253,12 @@ def test_equalize_skips_groups_with_unencoded_linears(tmp_path, hidden: int, int
     """Rows that are no multiple of 32 make the plan write those linears as F16 (straight from the source), so
     equalization must leave their scaling groups alone: a scaled norm next to an unscaled F16 consumer (or an F16
     producer next to a scaled consumer) is a different model. The file's float model must stay the source's."""
-    from qrealign_gguf.convert import ConvertOptions, convert, make_plan
+    from qrealign_gguf.convert import ConvertOptions, convert
+    from qrealign_gguf.plan import make_plan
     from tiny_models import make_tiny_llama, planted_probes
 
     d = make_tiny_llama(tmp_path / "hf", hidden=hidden, inter=inter, layers=2, heads=4, kv_heads=2)
-    plan = make_plan(d, tmp_path / "o.gguf", ConvertOptions(outtype="Q8_0"))
+    plan = make_plan(d, tmp_path / "o.gguf", "Q8_0")
     f16 = {t.source.name.split(".", 2)[2] for t in plan.tensors if t.qtype.name == "F16" and t.source.name.startswith("blk.0.")}
     assert f16 == ({"ffn_down.weight"} if inter == 40 else
                    {"attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight", "ffn_gate.weight",

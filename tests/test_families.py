@@ -21,8 +21,8 @@ import torch
 from qrealign_gguf.convert import ConvertOptions, convert
 from qrealign_gguf.errors import InputError
 from qrealign_gguf.hf_model import HFModel
-from qrealign_gguf.llama_logits import logits as llama_logits
-from qrealign_gguf.llama_logits import tokenize_many
+from qrealign_gguf.llamacpp import logits as llama_logits
+from qrealign_gguf.llamacpp import tokenize_many
 from qrealign_gguf.models import family_for, supported_architectures
 from qrealign_gguf.tokenizer import KNOWN_SPLIT_RULES
 

@@ -23,7 +23,8 @@ import gguf
 import pytest
 
 from hostile import MEM_LIMIT_MB, TIME_LIMIT_S, Run, assert_refused, run_cli, snapshot
-from qrealign_gguf.convert import WRITER_LOCK, ConvertOptions, make_plan
+from qrealign_gguf.output import WRITER_LOCK
+from qrealign_gguf.plan import make_plan
 from tiny_models import make_tiny_llama
 
 
@@ -231,7 +232,7 @@ def mounted(tmp_path: Path) -> Iterator[list[Path]]:
 def test_disk_full_enospc(tiny: Path, tmp_path: Path, mounted: list[Path]) -> None:
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    need = make_plan(tiny, tmp_path, ConvertOptions()).total_bytes
+    need = make_plan(tiny, tmp_path).total_bytes
     small, fits = tmp_path / "small", tmp_path / "fits"
     for d, size in ((small, 256 * 1024), (fits, need + 256 * 1024)):
         d.mkdir()

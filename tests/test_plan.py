@@ -8,8 +8,8 @@ from pathlib import Path
 import gguf
 import pytest
 
-from qrealign_gguf.convert import ConvertOptions, convert, make_plan
-from qrealign_gguf.plan import PlanInput, plan_types, resolve_outtype
+from qrealign_gguf.convert import ConvertOptions, convert
+from qrealign_gguf.plan import PlanInput, make_plan, plan_types, resolve_outtype
 from tiny_models import make_tiny_llama
 
 MIXES = ["Q8_0", "Q4_0", "Q5_1", "Q2_K", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K"]
@@ -99,7 +99,7 @@ def test_fallback_mix_matches_llama_quantize(mix, f16_model, llama, tmp_path):
     hf, f16 = f16_model
     theirs = _dry_run_types(llama, f16, mix)
     assert any(t in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0") for t in theirs.values()), theirs  # a fallback happened
-    plan = make_plan(hf, tmp_path / "ours.gguf", ConvertOptions(outtype=mix))
+    plan = make_plan(hf, tmp_path / "ours.gguf", mix)
     ours = {t.source.name: t.qtype.name for t in plan.tensors}
     diff = {k: (ours.get(k), theirs.get(k)) for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k)}
     assert not diff, diff  # name: (ours, llama-quantize's)

@@ -73,11 +73,11 @@ def test_written_file_and_its_decoding(k128_file, tiny) -> None:
 
 
 def test_default_name_says_custom_only_when_it_is(tiny, tmp_path) -> None:
-    from qrealign_gguf.convert import make_plan
+    from qrealign_gguf.plan import make_plan
 
-    assert make_plan(tiny, tmp_path, ConvertOptions(outtype="QR5_K_M")).output.name.endswith("-QR5_K_M.qrealign.gguf")
+    assert make_plan(tiny, tmp_path, "QR5_K_M").output.name.endswith("-QR5_K_M.qrealign.gguf")
     wide = make_tiny_llama(tmp_path / "wide", hidden=256, inter=512, layers=1, heads=4, kv_heads=2)
-    assert make_plan(wide, tmp_path, ConvertOptions(outtype="QR5_K_M")).output.name.endswith("-QR5_K_M.gguf")
+    assert make_plan(wide, tmp_path, "QR5_K_M").output.name.endswith("-QR5_K_M.gguf")
 
 
 def test_cli_warns_and_inspect_reads(tiny, tmp_path) -> None:
@@ -102,7 +102,7 @@ def test_stock_llama_refuses_and_we_explain(k128_file, llama) -> None:
     res = subprocess.run([str(llama.bin("llama-completion")), "-m", str(k128_file), "-p", "hi", "-n", "1", "-no-cnv"],
                          env=llama.env(), capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "invalid ggml type 241" in res.stderr
-    from qrealign_gguf.llama_logits import LlamaCallError, logits
+    from qrealign_gguf.llamacpp import LlamaCallError, logits
 
     with pytest.raises(LlamaCallError) as ei:
         logits(k128_file, [1, 2, 3], build=llama)

@@ -13,9 +13,11 @@ from typer.testing import CliRunner
 
 from qrealign_gguf.cli import app
 from qrealign_gguf.errors import InputError
-from qrealign_gguf.convert import ConvertOptions, convert, make_plan
+from qrealign_gguf.convert import ConvertOptions, convert
+from qrealign_gguf.plan import make_plan
 from qrealign_gguf.realign.calibrate import RealignSettings
 from qrealign_gguf.realign.pipeline import realign_model
+from qrealign_gguf.realign.options import RealignOptions
 from qrealign_gguf.realign.probes import ProbeSet
 from tiny_models import make_tiny_llama, planted_probes
 
@@ -40,7 +42,7 @@ def planted(tiny, tmp_path_factory) -> tuple[ProbeSet, Path]:
 
 
 def _realign(tiny, probes, tmp_path, harm_weight, report=None, ckpt="ckpt"):
-    plan = make_plan(tiny, tmp_path / "o.gguf", ConvertOptions(outtype="Q4_0"))
+    plan = make_plan(tiny, tmp_path / "o.gguf", "Q4_0")
     stats = []
 
     def rep(i, n, s, resumed):
@@ -91,7 +93,7 @@ def test_resume_gives_the_same_file(tiny, planted, tmp_path):
     # the file written from them holds those bytes (convert verifies) and llama.cpp runs it
     out = tmp_path / "realigned.gguf"
     convert(tiny, out, ConvertOptions(outtype="Q4_0", packed=again))
-    from qrealign_gguf.llama_logits import logits
+    from qrealign_gguf.llamacpp import logits
     assert np.isfinite(logits(out, [1, 2, 3, 4])).all()
 
 
@@ -108,7 +110,7 @@ def test_margin_offset_moves_every_layers_target(tiny, planted, tmp_path, monkey
         return real(layer, targets, benign, harmful, score, margin, ceiling, s, i)
 
     monkeypatch.setattr(pipeline, "realign_layer", spy)
-    plan = make_plan(tiny, tmp_path / "o.gguf", ConvertOptions(outtype="Q4_0"))
+    plan = make_plan(tiny, tmp_path / "o.gguf", "Q4_0")
     settings = RealignSettings(**{**SETTINGS, "iters": 0}, margin_offset=1.5)
     realign_model(tiny, plan, probes, settings, checkpoint_dir=tmp_path / "ckpt")
     assert seen == [(float(probes.target[i]) + 1.5, float(probes.target_benign[i])) for i in range(probes.n_layers)]
@@ -127,7 +129,7 @@ def test_probe_layers_limit_the_probe_term(tiny, planted, tmp_path, monkeypatch)
         return real(layer, targets, benign, harmful, score, margin, ceiling, s, i)
 
     monkeypatch.setattr(pipeline, "realign_layer", spy)
-    plan = make_plan(tiny, tmp_path / "o.gguf", ConvertOptions(outtype="Q4_0"))
+    plan = make_plan(tiny, tmp_path / "o.gguf", "Q4_0")
     n = probes.n_layers
     settings = RealignSettings(**{**SETTINGS, "iters": 0}, probe_layers=f"{n - 1}-")
     realign_model(tiny, plan, probes, settings, checkpoint_dir=tmp_path / "ckpt")
@@ -222,8 +224,8 @@ def test_batched_last_token_states_equal_one_by_one(tiny):
 
 
 def test_cli_realign_defaults_are_the_settings_defaults():
-    """`convert`'s REALIGN option defaults (kept in cli.py so the CLI starts without torch) equal
-    RealignSettings', the one place the measured defaults are set (RealignRequest takes them from there)."""
+    """`convert`'s REALIGN option defaults (RealignOptions', torch-free so the CLI starts fast) equal
+    RealignSettings', the one place the measured defaults are set."""
     import typer.main
 
     params = {p.name: p.default for p in typer.main.get_command(app).commands["convert"].params}
@@ -232,4 +234,5 @@ def test_cli_realign_defaults_are_the_settings_defaults():
              "margin_offset": "margin_offset", "probe_layers": "probe_layers", "last_weight": "last_weight",
              "benign_ceiling": "benign_ceiling", "equalize": "equalize"}
     assert {cli: params[cli] for cli in pairs} == {cli: getattr(settings, s) for cli, s in pairs.items()}
+    assert {f: getattr(RealignOptions(), f) for f in pairs} == {f: getattr(settings, s) for f, s in pairs.items()}
     assert settings.n_harmful == settings.n_benign  # --realign-samples sets both

@@ -5,6 +5,10 @@ wait4's rusage), then perplexity and KL divergence of both files on the same ben
 llama-perplexity, against the upstream F16 conversion's logits.
 
     .venv/bin/python tools/bench_convert.py --model qwen05 --types Q8_0 Q4_K_M [--json out.json]
+
+--speed-only skips the quality part (wall and peak RSS only; docs/BENCHMARKS.md "Plain conversion without torch"):
+
+    .venv/bin/python tools/bench_convert.py --model smollm2 --types Q8_0 Q4_K_M --speed-only
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fetch_model import fetch_hf  # noqa: E402
 
-from qrealign_gguf.llama_runtime import find_llama  # noqa: E402
+from qrealign_gguf.llamacpp import find_llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
@@ -29,11 +33,13 @@ SHARED = ROOT.parent / "shared" / "data"
 
 def run(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
     """(wall seconds, peak RSS MiB) of one child process."""
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, ru = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t0
-    err = p.stderr.read() if p.stderr else ""
+    with tempfile.TemporaryFile("w+") as log:  # not a pipe: a child that logs more than a pipe holds would block
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
+        _, status, ru = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t0
+        log.seek(0)
+        err = log.read()
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{' '.join(cmd[:3])} failed:\n{err[-3000:]}")
     return wall, ru.ru_maxrss / 1024
@@ -66,6 +72,7 @@ def main() -> None:
     ap.add_argument("--types", nargs="+", default=["Q8_0", "Q4_K_M"])
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--speed-only", action="store_true", help="wall and peak RSS only, no perplexity / KLD")
     a = ap.parse_args()
     llama = find_llama()
     hf = fetch_hf(a.model)
@@ -74,32 +81,35 @@ def main() -> None:
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(dir=os.environ.get("QREALIGN_BENCH_TMP")) as tmp:
         t = Path(tmp)
-        text = benign_text(t / "benign.txt")
         up_f16 = t / "up-f16.gguf"
         conv = run([py, str(llama.prefix / "convert_hf_to_gguf.py"), str(hf), "--outtype", "f16", "--outfile", str(up_f16)], up_env)
-        base = t / "base.kld"
-        subprocess.run([str(llama.bin("llama-perplexity")), "-m", str(up_f16), "-f", str(text), "-c", str(a.ctx),
-                        "--kl-divergence-base", str(base), "-t", str(os.cpu_count())],
-                       env=llama.env(), check=True, capture_output=True)
+        text, base = t / "benign.txt", t / "base.kld"
+        if not a.speed_only:
+            benign_text(text)
+            subprocess.run([str(llama.bin("llama-perplexity")), "-m", str(up_f16), "-f", str(text), "-c", str(a.ctx),
+                            "--kl-divergence-base", str(base), "-t", str(os.cpu_count())],
+                           env=llama.env(), check=True, capture_output=True)
+
+        def quality(path: Path) -> dict[str, float]:
+            return {} if a.speed_only else perplexity(llama, path, text, base, a.ctx)
         for qt in a.types:
             up = t / f"up-{qt}.gguf"
             quant = run([str(llama.bin("llama-quantize")), str(up_f16), str(up), qt], llama.env())
             ours = t / f"ours-{qt}.gguf"
-            mine = run([str(ROOT / ".venv" / "bin" / "qrealign-gguf"), "convert", str(hf), "-o", str(ours), "--outtype", qt])
+            mine = run([sys.executable, "-m", "qrealign_gguf", "convert", str(hf), "-o", str(ours), "--outtype", qt])
             results[qt] = {
                 "upstream": {"wall_s": conv[0] + quant[0], "convert_s": conv[0], "quantize_s": quant[0],
-                             "peak_rss_mib": max(conv[1], quant[1]), "bytes": up.stat().st_size,
-                             **perplexity(llama, up, text, base, a.ctx)},
-                "ours": {"wall_s": mine[0], "peak_rss_mib": mine[1], "bytes": ours.stat().st_size,
-                         **perplexity(llama, ours, text, base, a.ctx)},
+                             "peak_rss_mib": max(conv[1], quant[1]), "bytes": up.stat().st_size, **quality(up)},
+                "ours": {"wall_s": mine[0], "peak_rss_mib": mine[1], "bytes": ours.stat().st_size, **quality(ours)},
             }
             r = results[qt]
             r["wall_ratio"] = r["ours"]["wall_s"] / r["upstream"]["wall_s"]
             r["rss_ratio"] = r["ours"]["peak_rss_mib"] / r["upstream"]["peak_rss_mib"]
-            print(f"{qt}: ours {r['ours']['wall_s']:.1f}s {r['ours']['peak_rss_mib']:.0f}MiB ppl {r['ours']['ppl']:.4f} "
-                  f"kld {r['ours']['kld']:.5f} | upstream {r['upstream']['wall_s']:.1f}s "
-                  f"({conv[0]:.1f}+{quant[0]:.1f}) {r['upstream']['peak_rss_mib']:.0f}MiB ppl {r['upstream']['ppl']:.4f} "
-                  f"kld {r['upstream']['kld']:.5f} | wall x{r['wall_ratio']:.2f} rss x{r['rss_ratio']:.2f}", flush=True)
+            ours_q, up_q = (("", "") if a.speed_only else
+                            tuple(f" ppl {r[k]['ppl']:.4f} kld {r[k]['kld']:.5f}" for k in ("ours", "upstream")))
+            print(f"{qt}: ours {r['ours']['wall_s']:.1f}s {r['ours']['peak_rss_mib']:.0f}MiB{ours_q} | upstream "
+                  f"{r['upstream']['wall_s']:.1f}s ({conv[0]:.1f}+{quant[0]:.1f}) {r['upstream']['peak_rss_mib']:.0f}MiB"
+                  f"{up_q} | wall x{r['wall_ratio']:.2f} rss x{r['rss_ratio']:.2f}", flush=True)
     if a.json:
         a.json.write_text(json.dumps(results, indent=2))
 

@@ -23,12 +23,12 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import numpy as np  # noqa: E402
 
+from qrealign_gguf import ConvertJob, convert_model  # noqa: E402
 from qrealign_gguf.inspect import read_gguf_summary  # noqa: E402
-from qrealign_gguf.llama_runtime import find_llama  # noqa: E402
+from qrealign_gguf.llamacpp import find_llama  # noqa: E402
 
 from fetch_model import model_dir  # noqa: E402
 
-CLI = str(ROOT / ".venv" / "bin" / "qrealign-gguf")
 TYPES = "Q4_K_M,QR4_K_M,Q5_K_M,QR5_K_M,QR4_KO"
 
 
@@ -63,8 +63,7 @@ def main() -> None:
     for t in a.types.split(","):
         f = a.out / f"{src.name}-{t}.gguf"
         if not f.exists():
-            subprocess.run([CLI, "convert", str(src), "--outtype", t, "-o", str(f)], check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            convert_model(ConvertJob(model=src, output=f, outtype=t))
         s = read_gguf_summary(f)
         custom = sum(int(np.prod(r.shape)) for r in s.tensors if r.custom)
         rows[t] = {"bpw": s.bits_per_weight, "custom_share": custom / max(s.n_params, 1),

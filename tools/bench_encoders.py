@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     repeat = a.repeat or (3 if a.quick else 5)
 
     from qrealign_gguf.formats.types import qtype
-    from qrealign_gguf.llama_runtime import find_llama
+    from qrealign_gguf.llamacpp import find_llama
 
     llama = find_llama()
     ggml = GGML(llama.lib_dir)

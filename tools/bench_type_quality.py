@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import shlex as _shlex
-import subprocess
 import sys
 import textwrap as _textwrap
 import time
@@ -27,13 +26,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
+from qrealign_gguf import ConvertJob, convert_model  # noqa: E402
 from qrealign_gguf.evaluate import metrics as M  # noqa: E402
 from qrealign_gguf.inspect import read_gguf_summary  # noqa: E402
-from qrealign_gguf.llama_runtime import find_llama  # noqa: E402
+from qrealign_gguf.llamacpp import find_llama  # noqa: E402
 
 from fetch_model import model_dir  # noqa: E402
 
-CLI = str(ROOT / ".venv" / "bin" / "qrealign-gguf")
 DEFAULT_TYPES = "Q4_K_S,Q4_K_M,QR4_KO,Q5_K_S,Q5_K_M"
 
 
@@ -42,13 +41,12 @@ def heldout_text() -> str:
     return Path(_textwrap.__file__).read_text() + "\n\n" + Path(_shlex.__file__).read_text()
 
 
-def convert(src: Path, out: Path, outtype: str, extra: list[str]) -> float:
-    """Convert once (kept for reruns); returns wall seconds, 0 when reused."""
+def convert(src: Path, out: Path, outtype: str, **job: object) -> float:
+    """Convert once (kept for reruns), in-process; returns wall seconds, 0 when reused."""
     if out.exists():
         return 0.0
     t0 = time.time()
-    subprocess.run([CLI, "convert", str(src), "--outtype", outtype, "-o", str(out), *extra], check=True,
-                   stdout=subprocess.DEVNULL)
+    convert_model(ConvertJob(model=src, output=out, outtype=outtype, **job))
     return time.time() - t0
 
 
@@ -73,30 +71,29 @@ def main() -> None:
     src = model_dir(a.model)
     a.out.mkdir(parents=True, exist_ok=True)
     build = find_llama("patched")
-    threads = ["--threads", str(a.threads)]
 
     text = a.out / "heldout.txt"
     text.write_text(heldout_text())
     ref = a.out / f"{src.name}-F16.gguf"
-    convert(src, ref, "F16", threads)
+    convert(src, ref, "F16", threads=a.threads)
     base = a.out / f"{src.name}-F16.kld"
     if not base.exists():
         M.kld_base(ref, text, base, a.n_ctx, threads=a.threads, build=build)
 
-    extra, tag = list(threads), "rtn"
+    extra, tag = {"threads": a.threads}, "rtn"
     if a.imatrix:
         im = a.out / f"{src.name}.imatrix.gguf"
         if not im.exists():  # the importance pass rides on a throwaway conversion
-            convert(src, a.out / "imatrix-pass.gguf", "Q8_0",
-                    [*threads, "--calib", "builtin:benign", "--calib-samples", "64", "--save-imatrix", str(im)])
+            convert(src, a.out / "imatrix-pass.gguf", "Q8_0", threads=a.threads, calib="builtin:benign",
+                    calib_samples=64, save_imatrix=im)
             (a.out / "imatrix-pass.gguf").unlink()
-        extra, tag = [*threads, "--imatrix", str(im)], "imatrix"
+        extra, tag = {"threads": a.threads, "imatrix": im}, "imatrix"
 
     rows: dict[str, dict] = {}
     for t in a.types.split(","):
         suffix = ".qrealign.gguf" if t.startswith("QR") else ".gguf"
         f = a.out / f"{src.name}-{tag}-{t}{suffix}"
-        secs = convert(src, f, t, extra)
+        secs = convert(src, f, t, **extra)
         r = M.kld_variant(f, base, a.n_ctx, threads=a.threads, build=build)
         whole, blk = bpw(f)
         rows[t] = {"bpw": whole, "bpw_blk": blk, "kld": r.kld, "kld_unc": r.kld_unc, "ppl": r.ppl,

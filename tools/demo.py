@@ -9,7 +9,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fetch_model import fetch_hf  # noqa: E402
 
-from qrealign_gguf.llama_runtime import find_llama  # noqa: E402
+from qrealign_gguf import ConvertJob, convert_model  # noqa: E402
+from qrealign_gguf.inspect import read_gguf_summary  # noqa: E402
+from qrealign_gguf.llamacpp import find_llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,9 +25,9 @@ def main() -> None:
     out = ROOT / "out"
     out.mkdir(exist_ok=True)
     gguf_path = out / f"SmolLM2-135M-Instruct-{a.outtype}.gguf"
-    cli = [str(ROOT / ".venv" / "bin" / "qrealign-gguf")]
-    subprocess.run([*cli, "convert", str(hf), "-o", str(gguf_path), "--outtype", a.outtype, "--force"], check=True)
-    subprocess.run([*cli, "inspect", str(gguf_path)], check=True, stdout=subprocess.DEVNULL)
+    res = convert_model(ConvertJob(model=hf, output=gguf_path, outtype=a.outtype, force=True))
+    s = read_gguf_summary(res.files[0])
+    print(f"wrote {res.files[0]} ({s.bits_per_weight:.2f} bits per weight, {res.seconds:.1f} s)")
     llama = find_llama()
     print(f"\n$ llama-completion -m {gguf_path.name} (chat template from the file, greedy)\n", flush=True)
     subprocess.run([str(llama.bin("llama-completion")), "-m", str(gguf_path), "-p", a.prompt, "-cnv", "-st",

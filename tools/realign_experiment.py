@@ -4,7 +4,8 @@
 
 Variants: aligned F16, fine-tuned F16, fine-tuned RTN Q8_0 / Q4_K_M / Q5_K_M and the custom QR4_KO / QR4_K_M /
 QR5_K_M, fine-tuned imatrix Q4_K_M, realigned Q8_0 / Q4_K_M / Q5_K_M / QR4_KO / QR4_K_M / QR5_K_M (--tag names
-them, one per --realign-args setting). Each conversion's wall time and peak RSS are measured as a separate process; evaluation uses
+them, one per --realign-args setting). Each conversion's wall time and peak RSS are measured as a separate process
+(`python -m qrealign_gguf convert`, what is measured); evaluation runs in-process (qrealign_gguf.evaluate_models) and uses
 dev_harmful / dev_overrefusal / dev_benign (never seen by probes or calibration), the fine-tuned F16 file as
 helpfulness and KLD reference and the aligned F16 file as the second refusal judge. Results go to
 DIR/results.json and a markdown table on stdout. Finished steps are reused when rerun.
@@ -20,7 +21,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CLI = str(ROOT / ".venv" / "bin" / "qrealign-gguf")
+sys.path.insert(0, str(ROOT))
+CLI = [sys.executable, "-m", "qrealign_gguf"]  # the command line as its own process: its wall time and peak RSS
 DATA = ROOT.parent / "shared" / "data"
 
 
@@ -82,28 +84,28 @@ def main() -> None:
         if f.exists() and not (a.only and name in a.only):
             continue
         if "--probes" in args and not probes.exists():  # fit once, on the aligned model, when first needed
-            timed([CLI, "probe", str(a.aligned), "-o", str(probes), "--plot", str(out / "probes.png")],
+            timed([*CLI, "probe", str(a.aligned), "-o", str(probes), "--plot", str(out / "probes.png")],
                   out / "probe.log")
         print(f"converting {name}", flush=True)
-        cost = timed([CLI, "convert", *args, "-o", str(f), "--force"], out / f"{name}.log")
+        cost = timed([*CLI, "convert", *args, "-o", str(f), "--force"], out / f"{name}.log")
         # re-read before writing: another run of this script may have added its variants meanwhile
         costs = json.loads(costs_file.read_text()) if costs_file.exists() else {}
         costs[name] = cost
         costs_file.write_text(json.dumps(costs, indent=1))
     if a.no_eval:
         return
-    files = [str(out / f"{n}.gguf") for n in variants]
+    from qrealign_gguf import evaluate_models
+    from qrealign_gguf.evaluate.report import print_table
+
+    files = [out / f"{n}.gguf" for n in variants]
     report = out / (f"report-{a.tag}.json" if a.tag else "report.json")
-    cmd = [CLI, "eval", *files, "--harmful", str(DATA / "dev_harmful.jsonl"),
-           "--overrefusal", str(DATA / "dev_overrefusal.jsonl"), "--benign", str(DATA / "dev_benign.jsonl"),
-           "--reference", str(out / "finetuned-F16.gguf"),
-           *([] if a.no_judge else ["--judge", str(a.judge or out / "aligned-F16.gguf")]),
-           "--max-new-tokens", str(a.max_new_tokens), "--json", str(report), "--plot", str(out / "report.png"),
-           "--cache", str(out / "answers")]
-    if a.limit:
-        cmd += ["--limit", str(a.limit)]
     print("evaluating", flush=True)
-    subprocess.run(cmd, check=True)
+    rep = evaluate_models(files, harmful=DATA / "dev_harmful.jsonl", overrefusal=DATA / "dev_overrefusal.jsonl",
+                          benign=DATA / "dev_benign.jsonl", reference=out / "finetuned-F16.gguf",
+                          judge=None if a.no_judge else (a.judge or out / "aligned-F16.gguf"),
+                          max_new_tokens=a.max_new_tokens, limit=a.limit, json_out=report, plot=out / "report.png",
+                          cache_dir=out / "answers", force=True, log=lambda line: print(line, flush=True))
+    print_table(rep)
     print(costs_file.read_text() if costs_file.exists() else "{}")
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from ..errors import InputError
 from ..hf_model import FLOAT_DTYPES, HFModel, show
 from .checks import check_raw_config, check_resolved, check_rope
+from .config import read_text_config
 
 
 @dataclass
@@ -111,8 +112,8 @@ class DecoderFamily(ModelFamily):
     """A decoder-only HF transformer written tensor by tensor through gguf-py's TensorNameMap.
 
     Subclasses set gguf_arch and hook in with `transform` (per-tensor value changes), `extra_tensors`,
-    `add_arch_metadata` and `check`. Hyperparameters come from transformers' own config class so that
-    defaults a config.json leaves out (common in Gemma 3 text_config) are filled exactly as HF fills them.
+    `add_arch_metadata` and `check`. Hyperparameters come from config.read_text_config, which fills the defaults
+    a config.json leaves out (common in Gemma 3 text_config) exactly as transformers' config classes do.
     """
     gguf_arch: ClassVar[gguf.MODEL_ARCH]
     rope_types: ClassVar[tuple[str, ...]] = ("default", "linear", "yarn")
@@ -122,18 +123,12 @@ class DecoderFamily(ModelFamily):
 
     def __init__(self, model: HFModel) -> None:
         super().__init__(model)
-        from transformers import AutoConfig
-        # before transformers reads it: some configs make it allocate per layer
+        # before the defaults are filled in: some configs would make us allocate per layer
         check_raw_config(model.config, model.text_config, len(model.tensor_names()))
-        try:
-            self.hf_config = AutoConfig.from_pretrained(str(model.path), local_files_only=True)
-        except Exception as e:
-            detail = " ".join(str(e).split())  # its validation messages span several lines
-            raise InputError(f"transformers cannot read {model.path / 'config.json'} ({type(e).__name__}: {detail})") from None
-        self.c = self.hf_config.get_text_config()
+        self.c = read_text_config(model.config)
         check_resolved(self.arch, n_layers=self.n_layers, n_embd=self.n_embd, n_head=self.n_head,
                        n_head_kv=self.n_head_kv, head_dim=self.head_dim,
-                       # transformers fills in hidden // heads; a nested text_config's class default is real
+                       # the default is hidden // heads; a nested text_config's class default is real
                        head_dim_given=(model.text_config.get("head_dim") is not None
                                        or model.text_config is not model.config),
                        n_ff=self.c.intermediate_size, vocab=self.vocab_size, n_ctx=self.c.max_position_embeddings,
@@ -156,11 +151,11 @@ class DecoderFamily(ModelFamily):
 
     @property
     def n_head_kv(self) -> int:
-        return getattr(self.c, "num_key_value_heads", None) or self.n_head
+        return self.c.num_key_value_heads
 
     @property
     def head_dim(self) -> int:
-        return getattr(self.c, "head_dim", None) or self.n_embd // self.n_head
+        return self.c.head_dim
 
     @property
     def vocab_size(self) -> int:
@@ -168,29 +163,17 @@ class DecoderFamily(ModelFamily):
 
     @property
     def tied(self) -> bool:
-        top = getattr(self.hf_config, "tie_word_embeddings", None)
-        return bool(top if top is not None else getattr(self.c, "tie_word_embeddings", False))
+        return self.c.tie_word_embeddings
 
     def rope(self, layer_type: str = "full_attention") -> dict:
         """Rope settings for one attention kind, as a dict with rope_type, rope_theta, factor, ..."""
-        rp = getattr(self.c, "rope_parameters", None)
-        if rp:  # transformers >= 5
-            if "full_attention" in rp or "sliding_attention" in rp:
-                rp = rp.get(layer_type) or rp.get("full_attention") or {}
-            return {"rope_type": "default", **rp}
-        rs = dict(getattr(self.c, "rope_scaling", None) or {})  # transformers 4.x
-        rs["rope_type"] = rs.get("rope_type", rs.get("type", "default"))
-        local = getattr(self.c, "rope_local_base_freq", None)
-        if layer_type == "sliding_attention" and local is not None:
-            return {"rope_type": "default", "rope_theta": local}
-        rs["rope_theta"] = getattr(self.c, "rope_theta", 10000.0)
-        return rs
+        return self.c.rope.get(layer_type) or self.c.rope.get("full_attention") or {"rope_type": "default"}
 
     def context_length(self) -> int:
         return int(self.c.max_position_embeddings)
 
     def layer_types(self) -> list[str]:
-        return list(getattr(self.c, "layer_types", None) or ["full_attention"] * self.n_layers)
+        return list(self.c.layer_types)
 
     # -- hooks --------------------------------------------------------------------------------------------------
     def transform(self, name: str, x: np.ndarray) -> np.ndarray:
@@ -230,7 +213,7 @@ class DecoderFamily(ModelFamily):
     def validate(self) -> None:
         for kind in sorted(set(self.layer_types())):
             check_rope(self.rope(kind), f"config.json rope settings of {kind} layers")
-        act = getattr(self.c, "hidden_activation", None) or getattr(self.c, "hidden_act", None)
+        act = self.c.activation
         if act not in self.activations:
             raise InputError(f"{self.model.architecture}: hidden activation {act!r} is not supported "
                              f"(llama.cpp's {self.arch} uses {'/'.join(self.activations)})")

@@ -33,7 +33,7 @@ class GemmaBase(DecoderFamily):
                 "post_feedforward_layernorm.weight": (H,)}
 
     def check_no_attention_bias(self) -> None:
-        if getattr(self.c, "attention_bias", False):
+        if self.c.get("attention_bias", False):
             raise InputError(f"{self.model.architecture} config sets attention_bias=true; llama.cpp's {self.arch} has "
                              "no attention output bias")
 
@@ -42,7 +42,7 @@ class GemmaBase(DecoderFamily):
 
     def query_scale(self) -> float:
         """Factor folded into the query so llama.cpp's fixed attention scale reproduces HF's."""
-        scalar = getattr(self.c, "query_pre_attn_scalar", None) or self.head_dim
+        scalar = self.c.get("query_pre_attn_scalar") or self.head_dim
         cpp_size = self.n_embd / self.n_head if self.n_layers == self.big_layer_count else self.head_dim
         c = math.sqrt(cpp_size / float(scalar))
         return 1.0 if abs(c - 1.0) < 1e-7 else c
@@ -50,7 +50,7 @@ class GemmaBase(DecoderFamily):
     def add_swa(self, w: gguf.GGUFWriter) -> None:
         kinds = self.layer_types()
         if "sliding_attention" in kinds:
-            w.add_sliding_window(int(self.c.sliding_window))
+            w.add_sliding_window(int(self.c.get("sliding_window")))
             w.add_sliding_window_pattern([k == "sliding_attention" for k in kinds])
 
 
@@ -64,7 +64,7 @@ class Gemma2Family(GemmaBase):
     def check(self) -> None:
         self.check_no_attention_bias()
         for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-            if not getattr(self.c, key, None):
+            if not self.c.get(key):
                 raise InputError(f"Gemma2 config without {key}: llama.cpp's gemma2 always applies it")
         kinds = self.layer_types()
         if "sliding_attention" not in kinds:
@@ -77,6 +77,6 @@ class Gemma2Family(GemmaBase):
         return x
 
     def add_arch_metadata(self, w: gguf.GGUFWriter) -> None:
-        w.add_attn_logit_softcapping(float(self.c.attn_logit_softcapping))
-        w.add_final_logit_softcapping(float(self.c.final_logit_softcapping))
+        w.add_attn_logit_softcapping(float(self.c.get("attn_logit_softcapping")))
+        w.add_final_logit_softcapping(float(self.c.get("final_logit_softcapping")))
         self.add_swa(w)

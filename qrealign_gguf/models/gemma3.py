@@ -40,7 +40,7 @@ class Gemma3Family(GemmaBase):
 
     def check(self) -> None:
         self.check_no_attention_bias()
-        if getattr(self.c, "attn_logit_softcapping", None):
+        if self.c.get("attn_logit_softcapping"):
             raise InputError("Gemma3 config sets attn_logit_softcapping, which llama.cpp's gemma3 does not apply")
         local = self.rope("sliding_attention")
         if "sliding_attention" in self.layer_types() and local.get("rope_type", "default") != "default":
@@ -55,8 +55,8 @@ class Gemma3Family(GemmaBase):
 
     def add_arch_metadata(self, w: gguf.GGUFWriter) -> None:
         # transformers' Gemma3ForConditionalGeneration never soft-caps its logits (only Gemma3ForCausalLM does)
-        if getattr(self.c, "final_logit_softcapping", None) and self.model.architecture == "Gemma3ForCausalLM":
-            w.add_final_logit_softcapping(float(self.c.final_logit_softcapping))
+        if self.c.get("final_logit_softcapping") and self.model.architecture == "Gemma3ForCausalLM":
+            w.add_final_logit_softcapping(float(self.c.get("final_logit_softcapping")))
         if "sliding_attention" in self.layer_types():
             self.add_swa(w)
             w.add_rope_freq_base_swa(float(self.rope("sliding_attention").get("rope_theta", 10000.0)))

@@ -27,16 +27,16 @@ class LlamaFamily(DecoderFamily):
     rope_types = ("default", "linear", "yarn", "llama3")
 
     def check(self) -> None:
-        prf = self.rope().get("partial_rotary_factor", getattr(self.c, "partial_rotary_factor", None))
+        prf = self.rope().get("partial_rotary_factor", self.c.get("partial_rotary_factor"))
         if prf not in (None, 1, 1.0):
             raise InputError(f"partial_rotary_factor={prf} is not supported by llama.cpp's llama arch")
 
     def layer_tensors(self) -> dict[str, tuple[str, ...]]:
         out = super().layer_tensors()
-        if getattr(self.c, "attention_bias", False):  # HF: one flag for the q, k, v and o biases
+        if self.c.get("attention_bias", False):  # HF: one flag for the q, k, v and o biases
             out.update({"self_attn.q_proj.bias": (Q,), "self_attn.k_proj.bias": (KV,), "self_attn.v_proj.bias": (KV,),
                         "self_attn.o_proj.bias": (H,)})
-        if getattr(self.c, "mlp_bias", False):
+        if self.c.get("mlp_bias", False):
             out.update({"mlp.gate_proj.bias": (FF,), "mlp.up_proj.bias": (FF,), "mlp.down_proj.bias": (H,)})
         return out
 
@@ -51,7 +51,7 @@ class LlamaFamily(DecoderFamily):
         w.add_rope_dimension_count(self.head_dim)
 
     def context_length(self) -> int:
-        window = getattr(self.c, "sliding_window", None)
+        window = self.c.get("sliding_window")
         return min(int(window or 1 << 62), super().context_length())
 
     def extra_tensors(self) -> Iterator[TensorSource]:

@@ -20,8 +20,8 @@ class Qwen2Family(DecoderFamily):
 
     def check(self) -> None:
         if "sliding_attention" in self.layer_types() or (
-                getattr(self.c, "use_sliding_window", False)
-                and (getattr(self.c, "sliding_window", None) or 1 << 62) < self.c.max_position_embeddings):
+                self.c.get("use_sliding_window", False)
+                and (self.c.get("sliding_window") or 1 << 62) < self.c.max_position_embeddings):
             raise InputError("this Qwen2 config uses sliding-window attention, which llama.cpp's qwen2 does not implement")
         if self.head_dim * self.n_head != self.n_embd:
             raise InputError(f"head_dim {self.head_dim} x {self.n_head} heads != hidden_size {self.n_embd}; "

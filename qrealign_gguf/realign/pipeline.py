@@ -1,10 +1,11 @@
 """Wiring for Q-realign: fine-tuned HF model + probes + prompts -> packed GGUF bytes for every decoder
-layer's linear weights, layer by layer with checkpoints. convert() writes them (ConvertOptions.packed)."""
+layer's linear weights, layer by layer with checkpoints. convert() writes them (ConvertOptions.packed); api.convert_model calls
+prepare_realign before and run_realign after the cheap checks."""
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +13,17 @@ import torch
 
 from .. import __version__
 from ..chat import chat_ids
+from ..device import resolve_device
 from ..errors import InputError
 from ..formats import codec
+from ..progress import Log, as_console
 from ..prompts import load_prompts
 from .calibrate import LayerStats, RealignSettings, Target, propagate, realign_layer
 from . import equalize
 from .capture import capture
-from .checkpoint import Checkpoints, file_digest, fingerprint, model_files_digest
+from .checkpoint import Checkpoints, fingerprint, model_files_digest
 from .hidden import check_compatible, decoder_layers, model_signature
+from .options import RealignOptions
 from .probes import ProbeSet
 
 Report = Callable[[int, int, LayerStats, bool], None]  # (layer, n_layers, stats, from_checkpoint)
@@ -228,45 +232,12 @@ def realign_model(finetuned: str | Path, plan, probes: ProbeSet, settings: Reali
     return out
 
 
-# -- the CLI's two calls: check everything first, then do the long work ------------------------------------
-@dataclass
-class RealignRequest:
-    finetuned: Path
-    aligned: Path | None
-    probes: Path | None
-    harmful: str
-    benign: str
-    # defaults: RealignSettings' own (one source; the CLI's option defaults are tested against them)
-    samples: int = RealignSettings.n_benign
-    iters: int = RealignSettings.iters
-    harm_weight: float = RealignSettings.harm_weight
-    margin: float | None = RealignSettings.margin
-    checkpoints: Path | None = None
-    device: str = "auto"
-    last_weight: float = RealignSettings.last_weight
-    benign_ceiling: float | None = RealignSettings.benign_ceiling
-    probe_kind: str = "content"  # with --aligned: "contrast" fits refusal-state probes against self.finetuned
-    equalize: bool = RealignSettings.equalize
-    margin_offset: float = RealignSettings.margin_offset
-    probe_layers: str | None = RealignSettings.probe_layers  # e.g. "3-": probe term only there
-    lr: float = RealignSettings.lr
-
-    @property
-    def settings(self) -> RealignSettings:
-        return RealignSettings(iters=self.iters, harm_weight=self.harm_weight, margin=self.margin,
-                               last_weight=self.last_weight, benign_ceiling=self.benign_ceiling,
-                               n_benign=self.samples, n_harmful=self.samples, equalize=self.equalize,
-                               margin_offset=self.margin_offset, probe_layers=self.probe_layers, lr=self.lr)
-
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name not in ("cpu", "cuda"):
-        raise InputError(f"--device {name!r}: use auto, cpu or cuda")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is visible; use --device cpu")
-    return name
+# -- the two calls of api.convert_model: check everything first, then do the long work ---------------------------
+def settings_of(opts: RealignOptions) -> RealignSettings:
+    return RealignSettings(iters=opts.iters, harm_weight=opts.harm_weight, margin=opts.margin,
+                           last_weight=opts.last_weight, benign_ceiling=opts.benign_ceiling,
+                           n_benign=opts.samples, n_harmful=opts.samples, equalize=opts.equalize,
+                           margin_offset=opts.margin_offset, probe_layers=opts.probe_layers, lr=opts.lr)
 
 
 def check_finite_weights(plan) -> None:  # noqa: ANN001 - convert.Plan
@@ -278,76 +249,81 @@ def check_finite_weights(plan) -> None:  # noqa: ANN001 - convert.Plan
                              "the checkpoint is broken, fix it before converting")
 
 
-def prepare_realign(req: RealignRequest, plan, console=None) -> ProbeSet | None:  # noqa: ANN001
-    """Validate every realignment input; returns loaded probes (None when they will be fit on --aligned)."""
-    if req.aligned is not None and req.probes is not None:
+def prepare_realign(opts: RealignOptions, finetuned: Path, plan, device: str) -> ProbeSet | None:  # noqa: ANN001
+    """Validate every realignment input; returns loaded probes (None when they will be fit on opts.aligned)."""
+    opts.check_numbers()
+    if opts.aligned is not None and opts.probes is not None:
         raise InputError("give either --aligned or --probes, not both")
-    if req.samples < 2 or req.iters < 0:
-        raise InputError("--realign-samples must be >= 2 and --realign-iters >= 0")
-    if not 0 < req.lr <= 0.5:
-        raise InputError(f"--realign-lr {req.lr} is out of range: give a step in code units in (0, 0.5], e.g. 5e-3")
-    resolve_device(req.device)
-    if req.probe_kind not in ("content", "contrast"):
-        raise InputError(f"--probe-kind {req.probe_kind!r}: use content or contrast")
-    if req.probe_kind == "contrast" and req.aligned is None:
+    if opts.aligned is None and opts.probes is None:
+        raise InputError("realignment needs --aligned (the aligned model) or --probes (a probe file)")
+    if opts.samples < 2:
+        raise InputError(f"--realign-samples {opts.samples} is too few: give 2 or more")
+    if not 0 < opts.lr <= 0.5:
+        raise InputError(f"--realign-lr {opts.lr} is out of range: give a step in code units in (0, 0.5], e.g. 5e-3")
+    resolve_device(device, "torch")
+    if opts.probe_kind not in ("content", "contrast"):
+        raise InputError(f"--probe-kind {opts.probe_kind!r}: use content or contrast")
+    if opts.probe_kind == "contrast" and opts.aligned is None:
         raise InputError("--probe-kind contrast fits probes on --aligned and this model; give --aligned (a probe "
                          "file from `qrealign-gguf probe --contrast` already knows its kind)")
-    if req.equalize and plan.family.arch not in EQUALIZE_ARCHS:
+    if opts.equalize and plan.family.arch not in EQUALIZE_ARCHS:
         raise InputError(f"--equalize supports {', '.join(EQUALIZE_ARCHS)} models (plain RMSNorm weights); this one "
                          f"is {plan.family.arch}: convert without --equalize")
     if not any(t.qtype.native for t in plan.tensors):
         raise InputError(f"--outtype {plan.outtype} has no quantized blocks to realign; choose e.g. Q8_0 or Q4_K_M")
-    mine = model_signature(req.finetuned)
-    parse_layers(req.probe_layers, int(mine["num_hidden_layers"]))
-    load_prompts(req.harmful, expect_label=1)  # whole files: a bad line 400 must not surface hours later
-    load_prompts(req.benign, expect_label=0)
+    mine = model_signature(finetuned)
+    parse_layers(opts.probe_layers, int(mine["num_hidden_layers"]))
+    load_prompts(opts.harmful, expect_label=1)  # whole files: a bad line 400 must not surface hours later
+    load_prompts(opts.benign, expect_label=0)
     check_finite_weights(plan)
-    if req.aligned is not None:
-        check_compatible(model_signature(req.aligned), mine, f"aligned model {req.aligned}", str(req.finetuned))
+    if opts.aligned is not None:
+        check_compatible(model_signature(opts.aligned), mine, f"aligned model {opts.aligned}", str(finetuned))
         return None
-    probes = ProbeSet.load(req.probes)
-    check_compatible(probes.meta, mine, f"probes {req.probes}", str(req.finetuned))
+    probes = ProbeSet.load(opts.probes)
+    check_compatible(probes.meta, mine, f"probes {opts.probes}", str(finetuned))
     return probes
 
 
-def run_realign(req: RealignRequest, plan, probes: ProbeSet | None, opts, console=None) -> dict[str, np.ndarray]:  # noqa: ANN001
+def run_realign(opts: RealignOptions, finetuned: Path, plan, probes: ProbeSet | None, *,  # noqa: ANN001
+                importance: dict[str, np.ndarray] | None, threads: int, device: str,
+                log: Log | None = None) -> tuple[dict[str, np.ndarray], dict[str, object]]:
+    """The long work: probes (fit on opts.aligned when not given), then every layer. Returns the packed GGUF bytes
+    per tensor and the qrealign.* provenance of the run."""
     from .probes import probe_model
 
-    if opts.threads > 0:  # torch's OpenMP threads spin: next to another job, layers once ran ~10x slower here
-        torch.set_num_threads(opts.threads)
+    say = log or (lambda _msg: None)
+    if threads > 0:  # torch's OpenMP threads spin: next to another job, layers once ran ~10x slower here
+        torch.set_num_threads(threads)
     if probes is None:
-        probes = probe_model(req.aligned, req.harmful, req.benign, console=console,
-                             contrast=req.finetuned if req.probe_kind == "contrast" else None)
-        if console:
-            console.print(f"probes: {len(probes.reliable)}/{probes.n_layers} layers reliable "
-                          f"(held-out accuracy {probes.heldout_acc.min():.2f}..{probes.heldout_acc.max():.2f})")
+        probes = probe_model(opts.aligned, opts.harmful, opts.benign, console=as_console(log),
+                             contrast=finetuned if opts.probe_kind == "contrast" else None)
+        say(f"probes: {len(probes.reliable)}/{probes.n_layers} layers reliable "
+            f"(held-out accuracy {probes.heldout_acc.min():.2f}..{probes.heldout_acc.max():.2f})")
 
     def report(i: int, n: int, s: LayerStats, resumed: bool) -> None:
-        if console:
-            tag = "checkpoint" if resumed else f"{s.seconds:.0f}s"
-            harm = (f"probe loss {s.harm_start:.3f}->{s.harm_end:.3f}, on the harmful side: harmful "
-                    f"{s.harmful_side_start:.0%}->{s.harmful_side_end:.0%}, benign {s.benign_side_start:.0%}->"
-                    f"{s.benign_side_end:.0%}") if s.probed else "no probe term (unreliable or not in --probe-layers)"
-            console.print(f"blk.{i} ({i + 1}/{n}) [{tag}]: benign rel. error {s.benign_start:.4f}->{s.benign_end:.4f}; {harm}",
-                          highlight=False)
+        tag = "checkpoint" if resumed else f"{s.seconds:.0f}s"
+        harm = (f"probe loss {s.harm_start:.3f}->{s.harm_end:.3f}, on the harmful side: harmful "
+                f"{s.harmful_side_start:.0%}->{s.harmful_side_end:.0%}, benign {s.benign_side_start:.0%}->"
+                f"{s.benign_side_end:.0%}") if s.probed else "no probe term (unreliable or not in --probe-layers)"
+        say(f"blk.{i} ({i + 1}/{n}) [{tag}]: benign rel. error {s.benign_start:.4f}->{s.benign_end:.4f}; {harm}")
 
     def report_eq(i: int, groups: list[equalize.GroupReport]) -> None:
-        if console:
-            parts = [f"{g.name} {g.error_after / g.error_before:.2f}x" if g.error_before > 0 else f"{g.name} -"
-                     for g in groups]
-            console.print(f"blk.{i}: equalized, RTN output error " + ", ".join(parts), highlight=False)
+        parts = [f"{g.name} {g.error_after / g.error_before:.2f}x" if g.error_before > 0 else f"{g.name} -"
+                 for g in groups]
+        say(f"blk.{i}: equalized, RTN output error " + ", ".join(parts))
 
-    packed = realign_model(req.finetuned, plan, probes, req.settings, req.harmful, req.benign,
-                           importance=opts.importance, checkpoint_dir=req.checkpoints, report=report,
-                           device=resolve_device(req.device), report_equalize=report_eq)
-    opts.extra_provenance.update({"realigned": True, "realign_iters": req.iters, "realign_lr": req.lr,
-                                  "realign_harm_weight": req.harm_weight,
-                                  "realign_margin": "aligned" if req.margin is None else req.margin,
-                                  "realign_margin_offset": req.margin_offset,
-                                  "realign_last_weight": req.last_weight,
-                                  "realign_benign_ceiling": "aligned" if req.benign_ceiling is None else req.benign_ceiling,
-                                  "realign_samples": req.samples,
-                                  "realign_probe_kind": probes.meta.get("kind", "content"),
-                                  "realign_equalize": req.equalize,
-                                  "realign_probe_layers": ",".join(map(str, sorted(probed_layers(probes, req.probe_layers))))})
-    return packed
+    packed = realign_model(finetuned, plan, probes, settings_of(opts), opts.harmful, opts.benign,
+                           importance=importance, checkpoint_dir=opts.checkpoints, report=report,
+                           device=resolve_device(device, "torch"), report_equalize=report_eq)
+    provenance = {"realigned": True, "realign_iters": opts.iters, "realign_lr": opts.lr,
+                  "realign_harm_weight": opts.harm_weight,
+                  "realign_margin": "aligned" if opts.margin is None else opts.margin,
+                  "realign_margin_offset": opts.margin_offset,
+                  "realign_last_weight": opts.last_weight,
+                  "realign_benign_ceiling": "aligned" if opts.benign_ceiling is None else opts.benign_ceiling,
+                  "realign_samples": opts.samples,
+                  "realign_probe_kind": probes.meta.get("kind", "content"),
+                  "realign_equalize": opts.equalize,
+                  "realign_probe_layers": ",".join(map(str, sorted(probed_layers(probes, opts.probe_layers))))}
+    return packed, provenance
+

@@ -1,5 +1,5 @@
-"""`qrealign-gguf eval`: evaluate models where they are deployed (GGUF in the pinned llama.cpp; HF directories in
-transformers as the full-precision reference).
+"""The evaluation engine behind `qrealign-gguf eval` and api.evaluate: models evaluated where they are deployed
+(GGUF in the pinned llama.cpp; HF directories in transformers as the full-precision reference).
 
     qrealign-gguf eval A.gguf [B.gguf HFDIR ...] --harmful F --benign F --overrefusal F
                        [--reference REF(.gguf|dir)] [--judge MODEL] [--max-new-tokens 128] [--limit N]
@@ -12,22 +12,19 @@ from __future__ import annotations
 
 import json
 import tempfile
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING
 
-import typer
-from rich.console import Console
-
+from ..checks import check_numbers
 from ..errors import InputError
+from ..progress import Log
 from ..prompts import Prompt, load_prompts
 
 if TYPE_CHECKING:
-    from ..llama_runtime import LlamaBuild
+    from ..llamacpp import LlamaBuild
 
 SETS = ("harmful", "overrefusal", "benign")
 SET_LABEL = {"harmful": 1, "overrefusal": 0, "benign": 0}
-err = Console(stderr=True)
 
 
 # -- validation -------------------------------------------------------------------------------------
@@ -89,7 +86,7 @@ def _names(paths: list[Path]) -> list[str]:
 # -- the run ----------------------------------------------------------------------------------------
 def _generate(path: Path, kind: str, prompts: list[str], max_new: int, n_parallel: int, threads: int,
               template: str = "jinja", build: LlamaBuild | None = None) -> tuple[list[str], dict]:
-    from ..llama_logits import LlamaCallError
+    from ..llamacpp import LlamaCallError
     from .generate import generate_gguf, generate_hf
 
     stats: dict = {}
@@ -147,23 +144,19 @@ def _cached_generate(cache_dir: Path | None, path: Path, kind: str, prompts: lis
 def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | None = None,
              overrefusal: Path | None = None, reference: Path | None = None, judge: Path | None = None,
              max_new_tokens: int = 128, limit: int | None = None, n_parallel: int = 8, threads: int = 0,
-             kld: bool = True, template: str = "jinja", console: Console | None = None,
+             kld: bool = True, template: str = "jinja", log: Log | None = None,
              cache_dir: Path | None = None) -> dict:
     """Validate everything, then generate, judge and measure; returns the report dict (see report.py)."""
     from ..package import sha256_file
     from . import metrics as M
     from .judge import agreement, keyword_judge, model_judge
 
-    log = console or err
+    say = log or (lambda _msg: None)
     # ---- validate (cheap, before any model runs)
     if not models:
         raise InputError("give at least one model (GGUF file or Hugging Face directory) to evaluate")
-    if max_new_tokens < 1:
-        raise InputError("--max-new-tokens must be at least 1")
-    if limit is not None and limit < 1:
-        raise InputError("--limit must be at least 1")
-    if n_parallel < 1:
-        raise InputError("--n-parallel must be at least 1")
+    check_numbers(**{"--threads": (threads, ">=0"), "--max-new-tokens": (max_new_tokens, ">0"),
+                      "--limit": (limit, ">0"), "--n-parallel": (n_parallel, ">0")})
     if template not in ("jinja", "builtin"):
         raise InputError(f"--chat-template must be jinja or builtin, not {template!r}")
     files = {"harmful": harmful, "overrefusal": overrefusal, "benign": benign}
@@ -175,7 +168,7 @@ def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | Non
     sets = {k: load_set(Path(v), k, limit) for k, v in files.items() if v is not None}
     builds: dict[Path, LlamaBuild] = {}  # the llama.cpp build each GGUF model / reference runs in
     if "gguf" in kinds + [ref_kind, judge_kind]:
-        from ..llama_runtime import LlamaNotFound, build_for, find_llama
+        from ..llamacpp import LlamaNotFound, build_for, find_llama
         try:  # before any long work; files with custom tensor types need (and first build) the patched flavour
             find_llama()
             for m, k in [*zip(models, kinds), (reference, ref_kind), (judge, judge_kind)]:
@@ -207,7 +200,7 @@ def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | Non
     answers: dict[str, dict[str, list[str]]] = {}
     cache: dict[Path, tuple[dict[str, list[str]], dict]] = {}
     for i, (m, kind, name) in enumerate(zip(models, kinds, names), 1):
-        log.print(f"[{i}/{len(models)}] {name}: generating {len(flat)} answers ({kind}, max {max_new_tokens} tokens)")
+        say(f"[{i}/{len(models)}] {name}: generating {len(flat)} answers ({kind}, max {max_new_tokens} tokens)")
         key = Path(m).resolve()
         if key not in cache:
             ans, stats = _cached_generate(cache_dir, Path(m), kind, flat, max_new_tokens, n_parallel, threads, template,
@@ -224,7 +217,7 @@ def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | Non
         if key in cache:
             ref_answers = cache[key][0]["benign"]
         else:
-            log.print(f"reference {Path(reference).name}: generating {len(sets['benign'])} benign answers")
+            say(f"reference {Path(reference).name}: generating {len(sets['benign'])} benign answers")
             ref_answers = _cached_generate(cache_dir, Path(reference), ref_kind, [p.text for p in sets["benign"]],
                                            max_new_tokens, n_parallel, threads, template, builds.get(Path(reference)))[0]
     elif reference is None and "benign" in sets:
@@ -235,14 +228,14 @@ def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | Non
     mj: dict[str, dict[str, list]] = {}
     if judge is not None:
         pairs = [(name, k, j) for name in names for k in order for j in range(len(sets[k]))]
-        log.print(f"judge {Path(judge).name}: classifying {len(pairs)} answers")
+        say(f"judge {Path(judge).name}: classifying {len(pairs)} answers")
         cal: dict = {}
         try:
             verdicts = model_judge(judge, [sets[k][j].text for _, k, j in pairs],
                                    [answers[name][k][j] for name, k, j in pairs], n_parallel=n_parallel,
                                    threads=threads, info=cal, build=builds.get(Path(judge)))
         except Exception as e:  # llama.cpp / transformers failure on the judge model
-            from ..llama_logits import LlamaCallError
+            from ..llamacpp import LlamaCallError
             if isinstance(e, LlamaCallError):
                 raise InputError(f"llama.cpp could not run judge {judge}: {str(e).splitlines()[-1].strip()}") from None
             raise
@@ -272,12 +265,13 @@ def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | Non
                              **({"refused_model": mj[name][k][j].refused, "p_refuse_model": round(mj[name][k][j].p_refuse, 4)}
                                 if judge is not None else {})}
                             for j in range(len(sets[k]))] for k in order}
+    M.add_intervals(report, sets)  # Wilson intervals and per-style / per-category refusal
 
     # ---- perplexity / KLD on benign text against the reference
     if kld and reference is not None and "benign" in sets and "gguf" not in kinds:
         report["notes"].append("KLD is measured for GGUF variants only (llama-perplexity)")
     if kld and reference is not None and "benign" in sets and "gguf" in kinds:
-        _perplexity(report, Path(reference), ref_kind, sets["benign"], ref_answers or [], models, kinds, threads, log,
+        _perplexity(report, Path(reference), ref_kind, sets["benign"], ref_answers or [], models, kinds, threads, say,
                     builds)
     elif kld and reference is not None and "benign" not in sets:
         report["notes"].append("KLD needs --benign (the text it is measured on)")
@@ -285,16 +279,16 @@ def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | Non
 
 
 def _perplexity(report: dict, reference: Path, ref_kind: str, benign: list[Prompt], ref_answers: list[str],
-                models: list[Path], kinds: list[str], threads: int, log: Console,
+                models: list[Path], kinds: list[str], threads: int, say: Log,
                 builds: dict[Path, LlamaBuild]) -> None:
-    from ..llama_logits import LlamaCallError, tokenize
+    from ..llamacpp import LlamaCallError, tokenize
     from . import metrics as M
 
     with tempfile.TemporaryDirectory(prefix="qrealign-eval-kld-") as d:
         ref_gguf = reference
         if ref_kind == "hf":
             from ..convert import ConvertOptions, convert
-            log.print(f"reference {reference.name}: converting to a temporary F32 GGUF for the KLD base")
+            say(f"reference {reference.name}: converting to a temporary F32 GGUF for the KLD base")
             ref_gguf = Path(d) / "reference.f32.gguf"
             try:
                 convert(reference, ref_gguf, ConvertOptions(outtype="F32", threads=threads))
@@ -308,7 +302,7 @@ def _perplexity(report: dict, reference: Path, ref_kind: str, benign: list[Promp
         try:
             ref_build = builds.get(Path(ref_gguf))  # None for a converted HF reference: stock F32
             n_ctx = M.choose_ctx(len(tokenize(ref_gguf, text, add_special=False, build=ref_build)))
-            log.print(f"KLD: reference logits on {tf.stat().st_size} bytes of benign text (n_ctx {n_ctx})")
+            say(f"KLD: reference logits on {tf.stat().st_size} bytes of benign text (n_ctx {n_ctx})")
             base = Path(d) / "base.kld"
             ref_ppl = M.kld_base(ref_gguf, tf, base, n_ctx, threads=threads, build=ref_build)
         except (M.PerplexityError, LlamaCallError) as e:  # report it, keep the other metrics
@@ -328,7 +322,7 @@ def _perplexity(report: dict, reference: Path, ref_kind: str, benign: list[Promp
                 report["notes"].append(f"no KLD for {v['name']}: its vocabulary ({nv} tokens) is not the reference's "
                                        f"({n_vocab})")
                 continue
-            log.print(f"KLD: {v['name']}")
+            say(f"KLD: {v['name']}")
             try:
                 r = M.kld_variant(m, base, n_ctx, threads=threads, build=builds.get(Path(m)))
                 v.update(ppl=r.ppl, ppl_base=r.ppl_base, kld=r.kld, kld_unc=r.kld_unc, kld_chunks=r.kld_chunks)
@@ -343,49 +337,3 @@ def _perplexity(report: dict, reference: Path, ref_kind: str, benign: list[Promp
         pd = M.paired_delta(first["kld_chunks"], v["kld_chunks"])
         if pd:
             v["kld_delta"] = {"vs": first["name"], "delta": pd[0], "se": pd[1], "chunks": len(v["kld_chunks"])}
-
-
-# -- typer command --------------------------------------------------------------------------------
-def eval_command(
-    models: List[Path] = typer.Argument(..., help="GGUF files and/or Hugging Face model directories to evaluate"),
-    harmful: Optional[Path] = typer.Option(None, "--harmful", help="harmful prompts (.jsonl/.txt): refusal rate"),
-    benign: Optional[Path] = typer.Option(None, "--benign", help="benign prompts: answered rate, agreement with --reference, PPL/KLD text"),
-    overrefusal: Optional[Path] = typer.Option(None, "--overrefusal", help="safe prompts with alarming words: over-refusal rate"),
-    reference: Optional[Path] = typer.Option(None, "--reference", help="reference model (.gguf or HF dir), e.g. the fine-tuned full-precision model: benign answers to agree with, KLD base"),
-    judge: Optional[Path] = typer.Option(None, "--judge", help="aligned model (.gguf or HF dir) used as refusal classifier next to the keyword judge"),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="greedy tokens per answer"),
-    limit: Optional[int] = typer.Option(None, "--limit", help="use only the first N prompts of each set"),
-    n_parallel: int = typer.Option(8, "--n-parallel", help="sequences decoded together (llama.cpp) / batch size (HF)"),
-    threads: int = typer.Option(0, "--threads", "-t", help="CPU threads (0 = all cores)"),
-    no_kld: bool = typer.Option(False, "--no-kld", help="skip perplexity / KL divergence"),
-    chat_template: str = typer.Option("jinja", "--chat-template", help="GGUF prompt formatting: jinja (the GGUF's template, as llama-server/llama-cli and transformers render it) or builtin (llama_chat_apply_template, like --no-jinja)"),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG plot"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="write the full report (with every answer) as JSON"),
-    cache: Optional[Path] = typer.Option(None, "--cache", help="directory keeping generated answers (keyed by model content, prompts, settings) for reruns"),
-    force: bool = typer.Option(False, "--force", "-f", help="replace existing --json / --plot files"),
-) -> None:
-    """Evaluate refusal, over-refusal, helpfulness and KLD of GGUF / HF models (greedy, chat template)."""
-    from ..cli import _check_numbers, _check_side_output, _run
-    from .report import plot_report, print_table, write_json
-
-    out = Console()
-
-    def work() -> None:
-        # counts and outputs before any model runs (run_eval checks the rest of its arguments the same way)
-        _check_numbers(**{"--threads": (threads, ">=0"), "--max-new-tokens": (max_new_tokens, ">0"),
-                          "--limit": (limit, ">0"), "--n-parallel": (n_parallel, ">0")})
-        if json_out is not None:
-            _check_side_output(json_out, "--json", force, make_parents=True)
-        if plot is not None:
-            _check_side_output(plot, "--plot", force, clash=json_out, make_parents=True)
-        t0 = time.perf_counter()
-        report = run_eval(models, harmful, benign, overrefusal, reference, judge, max_new_tokens, limit, n_parallel,
-                          threads, kld=not no_kld, template=chat_template, cache_dir=cache)
-        report["settings"]["seconds"] = round(time.perf_counter() - t0, 1)
-        print_table(report, out)
-        if json_out is not None:
-            out.print(f"wrote {write_json(report, json_out)}")
-        if plot is not None:
-            out.print(f"wrote {plot_report(report, plot)}")
-
-    _run(work)

@@ -10,7 +10,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "tools" / "build_llama.sh"
 
 
@@ -64,7 +64,7 @@ def find_llama(flavour: str = "stock", build: bool = True) -> LlamaBuild:
 
 def _custom_names(path: str | Path) -> list[str]:
     """qrealign's custom tensor types in this GGUF; [] for none or an unreadable file (the loader reports that)."""
-    from .gguf_read import custom_type_names
+    from ..gguf_read import custom_type_names
 
     try:
         return custom_type_names(path)
@@ -83,7 +83,7 @@ def custom_type_note(path: str | Path) -> str | None:
     names = _custom_names(path)
     if not names:
         return None
-    from .formats.types import qtype
+    from ..formats.types import qtype
 
     ids = ", ".join(f"{n} (type id {qtype(n).id})" for n in names)
     return (f"{Path(path).name} uses qrealign-gguf's custom tensor type {ids}, which stock llama.cpp rejects "

@@ -1,0 +1,38 @@
+"""`qrealign-gguf probe`: fit the safety probes (api.probe_model) and show their accuracy per layer."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from .common import log, out, run_guarded
+
+
+def probe(
+    model: Path = typer.Argument(..., help="the ALIGNED Hugging Face model (the one that still refuses)"),
+    output: Path = typer.Option(..., "-o", "--output", help="probes file (.safetensors)"),
+    harmful: str = typer.Option("builtin:harmful", "--harmful", help="harmful prompts (.jsonl, label 1)"),
+    benign: str = typer.Option("builtin:benign", "--benign", help="benign prompts (.jsonl, label 0)"),
+    samples: int = typer.Option(256, "--samples", help="prompts of each kind"),
+    min_acc: float = typer.Option(0.9, "--min-acc", help="held-out accuracy a layer's probe needs to be used"),
+    contrast: Optional[Path] = typer.Option(None, "--contrast", help="the FINE-TUNED model: fit refusal-state probes (aligned vs fine-tuned states on harmful prompts) instead of content probes"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of probe accuracy per layer"),
+    force: bool = typer.Option(False, "--force", "-f", help="replace an existing output file and --plot file"),
+) -> None:
+    """Fit per-layer linear safety probes on the aligned model's last-token states."""
+    from ..api import probe_model
+
+    def work() -> None:
+        ps = probe_model(model, output, harmful=harmful, benign=benign, samples=samples, min_acc=min_acc,
+                         contrast=contrast, plot=plot, force=force, log=log)
+        t = Table(title=f"probe accuracy per layer ({len(ps.reliable)}/{ps.n_layers} reliable at >= {min_acc:.2f})")
+        for col in ("layer", "train", "held-out", "used"):
+            t.add_column(col, justify="right")
+        for i in range(ps.n_layers):
+            t.add_row(str(i), f"{ps.train_acc[i]:.3f}", f"{ps.heldout_acc[i]:.3f}", "yes" if i in ps.reliable else "")
+        out.print(t)
+        out.print(f"wrote {output}")
+
+    run_guarded(work)
