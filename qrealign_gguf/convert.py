@@ -7,7 +7,6 @@ a temporary directory beside the target and is renamed into place only when comp
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import time
@@ -27,6 +26,7 @@ from .formats import codec
 from .formats.types import QType
 from .gguf_metadata import check_override, gguf_value
 from .gguf_read import GGUFReader
+from .hf_model import read_json
 from .imatrix import check_imatrix, load_imatrix
 from .output import (WRITER_LOCK, add_tensor_infos, check_output, existing_outputs, lock_partial_dir,
                      make_partial_dir, move_into_place, remove_stale_partials)
@@ -100,27 +100,15 @@ def _add_typed(w: gguf.GGUFWriter, key: str, val: Any) -> None:
 
 def load_metadata_overrides(path: str | Path) -> dict[str, Any]:
     """--metadata override.json: {"general.name": "...", "general.license": "...", ...}."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
-    except FileNotFoundError:
-        raise InputError(f"metadata file {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"metadata file {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"metadata file {path} does not exist")
+    data = read_json(path, "fix the metadata file")  # bounded, a key given twice refused
     if not isinstance(data, dict):
         raise InputError(f"metadata file {path} must hold a JSON object of GGUF keys")
     for key, val in data.items():  # everything that does not need the model; the rest when the header is built
         check_override(key, val)
     return data
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """json object_pairs_hook: a key given twice is a mistake, not "the last one wins"."""
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise InputError(f"metadata key {k} is given twice; keep one")
-        out[k] = v
-    return out
 
 
 def verify_packed(files: list[Path], packed: dict[str, np.ndarray]) -> None:

@@ -54,7 +54,7 @@ class HFModel:
         cfg = self.path / "config.json"
         if not cfg.is_file():
             raise InputError(f"{self.path} has no config.json; pass a Hugging Face model folder (with config.json and *.safetensors)")
-        self.config: dict[str, Any] = _read_json(cfg, "fix or re-export the model")
+        self.config: dict[str, Any] = read_json(cfg, "fix or re-export the model")
         if not isinstance(self.config, dict):
             raise InputError(f"{cfg} holds a JSON {_json_type(self.config)}, not an object; fix or re-export the model")
         index = self.path / INDEX_FILE
@@ -89,7 +89,7 @@ class HFModel:
 
     def json(self, name: str) -> Any:
         p = self.file(name)
-        return _read_json(p, "fix or re-export the model") if p else None
+        return read_json(p, "fix or re-export the model") if p else None
 
     # -- tensors ------------------------------------------------------------------------------
     def tensor_names(self) -> list[str]:
@@ -136,7 +136,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _read_json(path: Path, fix: str) -> Any:
+def read_json(path: Path, fix: str) -> Any:
     """A JSON file of bounded size, with repeated keys refused; `fix` says what to do when it is broken."""
     try:
         if path.stat().st_size > MAX_JSON_BYTES:
@@ -182,7 +182,7 @@ def _check_shard_set(files: list[Path]) -> None:
 def _read_indexed(folder: Path, index: Path) -> dict[str, _Entry]:
     """The shards that the index names, which must hold exactly the tensors it assigns to them."""
     fix = f"re-download {INDEX_FILE} with its shards"
-    data = _read_json(index, fix)
+    data = read_json(index, fix)
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise InputError(f"{index} has no weight_map object (tensor name -> shard file); {fix}")
