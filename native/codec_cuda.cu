@@ -2,7 +2,7 @@
  * a 256-weight super-block for the K-quants), each calling the same QR_HD block functions as the C row
  * drivers in quant_legacy.c / quant_k.c. Byte equality with the CPU path rests on those shared sources
  * and on the numerics flags: nvcc -fmad=false -ftz=false -prec-div=true -prec-sqrt=true (no
- * --use_fast_math) — see native/qr_hd.h and tools/build_cuda.sh.
+ * --use_fast_math) — see native/qr_hd.h and tools/build/build_cuda.sh.
  *
  * Order-dependent sums stay sequential in one thread as in C: a block's own sums inside its thread, and
  * the row mean square the legacy imatrix path needs (qrl_row_sigma2) in one thread per row (one CTA per

@@ -8,7 +8,7 @@
  * and code conventions are those of qrealign.h. Returns 0 or a negative QR_E_* code;
  * qr_cuda_last_error() describes the last QR_E_CUDA of the calling thread.
  *
- * Built by tools/build_cuda.sh into qrealign_gguf/_cuda/libqrealign_cuda.so (nvcc, sm_80/86/89/90 +
+ * Built by tools/build/build_cuda.sh into qrealign_gguf/_cuda/libqrealign_cuda.so (nvcc, sm_80/86/89/90 +
  * compute_90 PTX) and loaded by qrealign_gguf/formats/cuda_codec.py. The declarations between the CFFI
  * markers are parsed by that module: keep them plain C.
  */

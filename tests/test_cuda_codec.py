@@ -76,7 +76,7 @@ def test_missing_library_message(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     assert not cuda_codec.available()
     assert cuda_codec.resolve_device("auto") == "cpu"
     assert cuda_codec.resolve_device("cpu") == "cpu"
-    with pytest.raises(cuda_codec.CudaUnavailable, match="tools/build_cuda.sh"):
+    with pytest.raises(cuda_codec.CudaUnavailable, match="tools/build/build_cuda.sh"):
         cuda_codec.resolve_device("cuda")
     x = np.random.default_rng(0).standard_normal((3, 256)).astype(np.float32)
     assert _bits(cuda_codec.encode("Q4_K", x, device="auto")) == _bits(codec.quantize(x, "Q4_K"))
@@ -157,7 +157,7 @@ def test_nvcc_host_build_matches_c(harness: Path, name: str) -> None:
 @needs_nvcc
 def test_nvcc_compiles() -> None:
     env = {**os.environ, "QREALIGN_CUDA_ARCHS": "80"}
-    r = subprocess.run(["bash", str(ROOT / "tools/build_cuda.sh"), "--check"], env=env, capture_output=True,
+    r = subprocess.run(["bash", str(ROOT / "tools/build/build_cuda.sh"), "--check"], env=env, capture_output=True,
                        text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "compiled" in r.stdout

@@ -1,7 +1,7 @@
 """QR4_KO files end to end: plan and CLI, stock llama.cpp refusing them (with our one-line reason), and the
 patched llama.cpp (native/llama_patches) reading and running them.
 
-The patched-build tests skip unless that build is cached (`bash tools/build_llama.sh patched`, ~15 min on 2
+The patched-build tests skip unless that build is cached (`bash tools/build/build_llama.sh patched`, ~15 min on 2
 cores the first time) or QREALIGN_BUILD_PATCHED=1 asks the test run to build it.
 """
 from __future__ import annotations
@@ -386,9 +386,9 @@ def test_eval_runs_custom_type_files_in_the_patched_build(patched, ko_file, tmp_
 
 @pytest.mark.skipif(not (shutil.which("nvcc") or Path("/usr/local/cuda/bin/nvcc").exists()), reason="nvcc not found")
 def test_patch_cuda_kernels_compile() -> None:
-    """tools/llama_cuda_check.sh compiles every ggml-cuda file the patches touch (nvcc, sm_80) and requires the
+    """tools/build/llama_cuda_check.sh compiles every ggml-cuda file the patches touch (nvcc, sm_80) and requires the
     QR4_KO instantiations; `make cuda-check` runs it first, so this is usually its remembered pass."""
-    r = subprocess.run(["bash", str(ROOT / "tools" / "llama_cuda_check.sh")], capture_output=True, text=True,
+    r = subprocess.run(["bash", str(ROOT / "tools" / "build" / "llama_cuda_check.sh")], capture_output=True, text=True,
                        timeout=1800, env={**os.environ, "PYTHON": sys.executable})
     assert r.returncode == 0, r.stdout + r.stderr
     assert "compiled" in r.stdout or "passed before" in r.stdout, r.stdout
@@ -400,8 +400,8 @@ def test_gpu_check_source_bundle_fits_the_device_tool(tmp_path) -> None:
     import tarfile
 
     out = tmp_path / "llama-src.tar.gz"
-    r = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check_llama_cuda.sh"), "prepare"], capture_output=True,
-                       text=True, timeout=600, env={**os.environ, "QREALIGN_GPU_SRC": str(out), "PYTHON": sys.executable})
+    r = subprocess.run(["bash", str(ROOT / "tools" / "build" / "gpu_check_llama_cuda.sh"), "prepare"],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "QREALIGN_GPU_SRC": str(out), "PYTHON": sys.executable})
     assert r.returncode == 0, r.stdout + r.stderr
     assert out.stat().st_size < 40 * 2**20
     with tarfile.open(out) as t:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import gguf
@@ -26,8 +25,7 @@ from qrealign_gguf.llamacpp import tokenize_many
 from qrealign_gguf.models import family_for, supported_architectures
 from qrealign_gguf.tokenizer import KNOWN_SPLIT_RULES
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_models import TOKENIZER_FILES, smollm2_dir  # noqa: E402
+from tiny_models import TOKENIZER_FILES, smollm2_dir
 
 CORPUS = ["The quick brown fox jumps over the lazy dog.", "Hello world! How are you doing today?",
           "numbers 123 4567 and symbols #$% (a+b)*c", "Ünïcödé text ñ and 漢字 too", "    indented code\n\tline",

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,8 +14,7 @@ import pytest
 from qrealign_gguf.hf_tokenizer import KINDS, HFTokenizer, load_tokenizer
 from qrealign_gguf.tokenizer import CHECK_TEXT
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_families import TEXTS, bpe_tokenizer, smollm2_tokenizer, spm_tokenizer  # noqa: E402
+from test_families import TEXTS, bpe_tokenizer, smollm2_tokenizer, spm_tokenizer
 
 BASES: dict[str, tuple[Callable[[Path], object], str]] = {  # name -> (builder, config.json model_type)
     "smollm2": (smollm2_tokenizer, "llama"),

@@ -1,15 +1,11 @@
-"""tools/judge_validation.py: the confusion-matrix scores and the off-topic heuristic it reports with."""
+"""tools/data/judge_validation.py: the confusion-matrix scores and the off-topic heuristic it reports with."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from judge_validation import off_topic, scores, validate  # noqa: E402
-
-from qrealign_gguf.evaluate.metrics import wilson  # noqa: E402
+from qrealign_gguf.evaluate.metrics import wilson
+from tools.data.judge_validation import off_topic, scores, validate
 
 
 def test_scores_confusion_matrix():

@@ -5,7 +5,6 @@ so this is where its defaults are checked."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +13,8 @@ import pytest
 from qrealign_gguf.errors import InputError
 from qrealign_gguf.models.config import read_text_config
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_families import CASES, _config  # noqa: E402
-from tiny_models import smollm2_dir  # noqa: E402
+from test_families import CASES, _config
+from tiny_models import smollm2_dir
 
 DIMS = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4)
 ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",

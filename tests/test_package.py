@@ -229,7 +229,7 @@ def test_installed_wheel_packages_custom_type_file(files, tmp_path) -> None:
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "ko.tar"
-    run = tmp_path / "cwd"  # not the checkout: `python -m` puts the working directory first on sys.path
+    run = tmp_path / "cwd"  # not the checkout: `python -m` imports from the working directory first
     run.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site)}
     r = subprocess.run([sys.executable, "-c", "import qrealign_gguf, sys; print(qrealign_gguf.__file__)"],

@@ -9,15 +9,13 @@ import hashlib
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
 from qrealign_gguf.convert import ConvertOptions, convert
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_families import CASES, build_case  # noqa: E402
-from tiny_models import make_tiny_llama  # noqa: E402
+from test_families import CASES, build_case
+from tiny_models import make_tiny_llama
 
 # The child refuses torch and transformers at import, runs the CLI, and reports what it had imported.
 CHILD = textwrap.dedent("""

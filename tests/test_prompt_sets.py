@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -16,8 +15,7 @@ from qrealign_gguf.prompt_styles import (CATEGORIES, STYLES, TEMPLATES, jaccard,
 from qrealign_gguf.prompts import load_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-from build_prompt_sets import CALIB_ROWS, read_set  # noqa: E402
+from tools.data.build_prompt_sets import CALIB_ROWS, read_set
 
 MANIFEST = json.loads((ROOT / "data" / "prompt_sets.json").read_text(encoding="utf-8"))
 NEAR = MANIFEST["near_duplicate_jaccard"]
@@ -46,7 +44,8 @@ def test_manifest_matches_files():
             continue
         if "sha256" in e:
             data = (ROOT / e["path"]).read_bytes()
-            assert hashlib.sha256(data).hexdigest() == e["sha256"], f"{e['path']} changed: rerun tools/build_prompt_sets.py"
+            assert hashlib.sha256(data).hexdigest() == e["sha256"], \
+                f"{e['path']} changed: rerun python -m tools.data.build_prompt_sets"
             assert data.count(b"\n") == e["rows"], e["path"]
 
 

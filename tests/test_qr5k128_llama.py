@@ -1,7 +1,7 @@
 """QR5_K128 files end to end: the QR4_K_M / QR5_K_M plans, stock llama.cpp refusing the files, and the patched
 llama.cpp (native/llama_patches 0005/0006) agreeing with our codec and running them.
 
-The patched-build tests skip unless that build is cached (`bash tools/build_llama.sh patched`) or
+The patched-build tests skip unless that build is cached (`bash tools/build/build_llama.sh patched`) or
 QREALIGN_BUILD_PATCHED=1 asks the test run to build it (see tests/test_custom_llama.py).
 """
 from __future__ import annotations

@@ -3,17 +3,14 @@ GGUF-born model off its quantization grid, and the study's emulation of "K-quant
 exactly what the real QR4_KO codec does when the base is Q4_K."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from qrealign_gguf.formats import codec
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from dither_model import dither, grid_step  # noqa: E402
-from outlier_study import small_superblock, with_outliers  # noqa: E402
+from tools.studies.dither_model import dither, grid_step
+from tools.studies.outlier_study import small_superblock, with_outliers
 
 
 def _grid_rows(rng: np.random.Generator, rows: int, cols: int, group: int) -> tuple[np.ndarray, np.ndarray]:

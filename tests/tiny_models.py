@@ -3,13 +3,11 @@ llama.cpp's pre-tokenizer detection and vocab loading run for real."""
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from fetch_model import fetch_hf  # noqa: E402
+from tools.data.fetch_model import fetch_hf
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 

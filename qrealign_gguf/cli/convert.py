@@ -107,7 +107,7 @@ def _warn_custom(types: list[str], output: Path) -> None:
         f"cannot load this file[/]: it stops with \"invalid ggml type\".\n"
         f"Run it with the patched llama.cpp (native/llama_patches, built on first use):\n"
         f"  qrealign-gguf run {output} -- -p \"Hello\" -n 64\n"
-        f"or build it yourself: bash tools/build_llama.sh patched{status}",
+        f"or build it yourself: bash tools/build/build_llama.sh patched{status}",
         title="[bold yellow]warning: custom tensor type",
         border_style="yellow"), highlight=False)
 

@@ -29,7 +29,7 @@ def run(
             try:
                 b = find_llama("patched")
             except LlamaNotFound as e:
-                raise InputError(str(e).splitlines()[0] + " (see tools/build_llama.sh patched)") from None
+                raise InputError(str(e).splitlines()[0] + " (see tools/build/build_llama.sh patched)") from None
         cmd = [str(b.bin("llama-completion")), "-m", str(path), *ctx.args]
         return subprocess.run(cmd, env=b.env()).returncode
 

@@ -4,7 +4,7 @@ transformers (the full-precision reference).
     generate_gguf(path, prompts)   batched continuous generation, chat template from the GGUF, argmax, KV cache
     generate_hf(model_dir, prompts) left-padded batches, tokenizer's chat template, argmax
     score_gguf / score_hf          next-token log-probabilities of candidate answers (the model-as-judge)
-    greedy_hf(model, pad_id, seqs)  the one HF greedy loop (generate_hf and tools/testbed_common.py use it)
+    greedy_hf(model, pad_id, seqs)  the one HF greedy loop (generate_hf and tools/testbed/testbed_common.py use it)
 
 Each prompt becomes a single user turn; the chat template adds its own default system prompt if it has one
 (SmolLM2 and Qwen2.5 templates do) -- exactly what llama-server / llama-cli (jinja on by default) and

@@ -1,4 +1,4 @@
-"""The native codec on the GPU (native/codec_cuda.cu, built by tools/build_cuda.sh), for torch CUDA tensors.
+"""The native codec on the GPU (native/codec_cuda.cu, built by tools/build/build_cuda.sh), for torch CUDA tensors.
 
 Same functions and conventions as formats/codec.py, and the same bytes: the CUDA kernels run the C codec's
 own per-block functions (native/blocks_*.h). Data stays on the device: pointers of CUDA tensors go straight
@@ -61,7 +61,7 @@ def _load():  # noqa: ANN202 - (ffi, lib)
     if not path.is_file():
         raise CudaUnavailable(
             f"CUDA codec library not built ({path} is missing): build it with `make install` or "
-            "`bash tools/build_cuda.sh` on a machine with nvcc (CUDA toolkit), or use --device cpu")
+            "`bash tools/build/build_cuda.sh` on a machine with nvcc (CUDA toolkit), or use --device cpu")
     from cffi import FFI
 
     ffi = FFI()

@@ -1,6 +1,6 @@
 """Locate (and on first use, build) the pinned llama.cpp: llama-cpp-python 0.3.36's vendored source.
 
-The build lives in a cache keyed by version + patches + flags (tools/build_llama.sh). Everything that runs
+The build lives in a cache keyed by version + patches + flags (tools/build/build_llama.sh). Everything that runs
 llama.cpp -- the test oracle, `make demo`, `eval` -- goes through find_llama().
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-BUILD_SCRIPT = REPO / "tools" / "build_llama.sh"
+BUILD_SCRIPT = REPO / "tools" / "build" / "build_llama.sh"
 
 
 class LlamaNotFound(RuntimeError):
@@ -53,7 +53,7 @@ def find_llama(flavour: str = "stock", build: bool = True) -> LlamaBuild:
     if not build:
         res = subprocess.run(["bash", str(BUILD_SCRIPT), flavour, "--check"], capture_output=True, text=True)
         if res.returncode != 0:
-            how = "make llama" if flavour == "stock" else f"bash tools/build_llama.sh {flavour}"
+            how = "make llama" if flavour == "stock" else f"bash tools/build/build_llama.sh {flavour}"
             raise LlamaNotFound(f"pinned llama.cpp ({flavour}) not built; run `{how}`")
         return LlamaBuild(Path(res.stdout.strip().splitlines()[-1]), flavour)
     res = subprocess.run(["bash", str(BUILD_SCRIPT), flavour], capture_output=True, text=True)

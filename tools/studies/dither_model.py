@@ -1,6 +1,6 @@
 """Move a model dequantized from a GGUF off its quantization grid: add uniform noise of one grid cell.
 
-    .venv/bin/python tools/dither_model.py SRC_HF_DIR DST_HF_DIR [--group 16] [--seed 0]
+    .venv/bin/python -m tools.studies.dither_model SRC_HF_DIR DST_HF_DIR [--group 16] [--seed 0]
 
 Every real model here comes out of a quantized GGUF (../shared/README.md), so its matrices sit exactly on a
 K-quant grid and re-quantizing to that same format is nearly lossless: a type comparison on such weights favours

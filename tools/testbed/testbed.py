@@ -1,8 +1,8 @@
 """Reproducible safety testbed: an aligned model moved off the GGUF grid and a fine-tuned copy whose refusal is broken.
 
-    .venv/bin/python tools/testbed.py              # every step; reruns reuse the finished ones
-    .venv/bin/python tools/testbed.py --redo eval  # recompute one step (and everything after it)
-    .venv/bin/python tools/testbed.py --no-llama   # skip the llama.cpp spot check
+    .venv/bin/python -m tools.testbed.testbed              # every step; reruns reuse the finished ones
+    .venv/bin/python -m tools.testbed.testbed --redo eval  # recompute one step (and everything after it)
+    .venv/bin/python -m tools.testbed.testbed --no-llama   # skip the llama.cpp spot check
 
 Steps (each cached under $QREALIGN_CACHE/testbed, default ~/.cache/qrealign-gguf/testbed, keyed by its recipe):
 
@@ -49,11 +49,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/: fetch_model and the testbed_* siblings
-
-from testbed_build import aligned_dir, step_attack, step_offgrid, step_teacher  # noqa: E402
-from testbed_common import (CACHE, COMPLIANCE, RECIPE, SYSTEM, cached, chat, generate,  # noqa: E402
-                            judge_key, key_of, load_model, load_tok, log, prompts, timer, verdicts, write_json_atomic)
+from tools.testbed.testbed_build import aligned_dir, step_attack, step_offgrid, step_teacher
+from tools.testbed.testbed_common import (CACHE, COMPLIANCE, RECIPE, SYSTEM, cached, chat, generate, judge_key, key_of,
+                                          load_model, load_tok, log, prompts, timer, verdicts, write_json_atomic)
 
 
 # ----------------------------------------------------------------------------------------------------- steps

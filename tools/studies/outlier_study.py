@@ -1,6 +1,6 @@
 """Where do per-block fp16 outliers pay for their bits? Weight error of K-quants with and without them.
 
-    .venv/bin/python tools/outlier_study.py HF_DIR [--imatrix FILE.gguf] [--layers 0,7,14,21] [--rows 256]
+    .venv/bin/python -m tools.studies.outlier_study HF_DIR [--imatrix FILE.gguf] [--layers 0,7,14,21] [--rows 256]
 
 QR4_KO spends 0.375 bpw on 4 fp16 outliers per 256 weights on top of Q4_K. This asks the design question for any
 "K-quant + outliers" type before anyone writes its kernels: for Q3_K / Q4_K / Q5_K bases, how much importance-
@@ -14,17 +14,13 @@ the log2 error per bit is the slope to compare: uniform bits buy ~2 (4x less err
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from qrealign_gguf.formats import codec  # noqa: E402
-from qrealign_gguf.formats.types import qtype  # noqa: E402
-from qrealign_gguf.imatrix import load_imatrix  # noqa: E402
+from qrealign_gguf.formats import codec
+from qrealign_gguf.formats.types import qtype
+from qrealign_gguf.imatrix import load_imatrix
 
 N_OUT, QK = 4, 256
 BASES = ("Q3_K", "Q4_K", "Q5_K", "Q6_K")

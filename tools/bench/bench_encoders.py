@@ -1,8 +1,8 @@
 """Encoder throughput: our native codec vs ggml_quantize_chunk (pinned libggml-base) vs gguf-py's numpy quantizer.
 
-    .venv/bin/python tools/bench_encoders.py                 # full run, markdown table on stdout
-    .venv/bin/python tools/bench_encoders.py --quick         # smaller data, fewer repeats
-    .venv/bin/python tools/bench_encoders.py --json out.json --types Q4_K Q6_K --threads 4
+    .venv/bin/python -m tools.bench.bench_encoders                 # full run, markdown table on stdout
+    .venv/bin/python -m tools.bench.bench_encoders --quick         # smaller data, fewer repeats
+    .venv/bin/python -m tools.bench.bench_encoders --json out.json --types Q4_K Q6_K --threads 4
 
 Data: real weights (mlp.down_proj of the cached SmolLM2-135M / Qwen2.5-Coder-0.5B HF models, rows a multiple of 256
 wide), stacked into one float32 matrix. Every encoder sees the same matrix in the same process run.
@@ -38,14 +38,11 @@ from pathlib import Path
 import numpy as np
 from cffi import FFI
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tools"))
+from tools import ROOT
 
 TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 PATHS = ["rtn", "imatrix"]
-HF_NAMES = {"smollm2": "SmolLM2-135M-Instruct", "qwen05": "Qwen2.5-Coder-0.5B-Instruct"}
-CACHE = Path(os.environ.get("QREALIGN_CACHE", Path.home() / ".cache" / "qrealign-gguf")) / "models" / "hf"
+MODELS = ("smollm2", "qwen05")  # tools.data.fetch_model names
 
 
 # ---------------------------------------------------------------------------------------------- ggml (oracle)
@@ -88,17 +85,10 @@ class GGML:
 
 
 # ---------------------------------------------------------------------------------------------- data
-def model_dir(name: str) -> Path:
-    d = CACHE / HF_NAMES[name]
-    if (d / "model.safetensors").exists():
-        return d
-    from fetch_model import fetch_hf  # tools/fetch_model.py
-
-    return Path(fetch_hf(name))
-
-
 def load_weights(model: str, n_tensors: int, pattern: str) -> tuple[np.ndarray, list[str], str]:
     from safetensors import safe_open
+
+    from tools.data.fetch_model import model_dir
 
     d = model_dir(model)
     names = [pattern.format(i=i) for i in range(n_tensors)]
@@ -244,7 +234,7 @@ def machine_facts() -> dict:
 
     def git(*a: str) -> str:
         try:
-            return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
         except OSError:
             return "?"
 
@@ -285,7 +275,7 @@ def table(results: list[dict], nthreads: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", choices=sorted(HF_NAMES), default="smollm2")
+    ap.add_argument("--model", choices=MODELS, default="smollm2")
     ap.add_argument("--tensor", default="model.layers.{i}.mlp.down_proj.weight",
                     help="safetensors name pattern; {i} = layer index (rows must be a multiple of 256 wide)")
     ap.add_argument("--layers", type=int, help="how many layers' tensors to stack (default: 8 full, 2 --quick)")

@@ -1,6 +1,6 @@
 """The Q-realign experiment on the testbed: every variant converted, then evaluated in llama.cpp on dev_* prompts.
 
-    .venv/bin/python tools/realign_experiment.py --aligned A_DIR --finetuned F_DIR --out DIR [--probes P]
+    .venv/bin/python -m tools.testbed.realign_experiment --aligned A_DIR --finetuned F_DIR --out DIR [--probes P]
 
 Variants: aligned F16, fine-tuned F16, fine-tuned RTN Q8_0 / Q4_K_M / Q5_K_M and the custom QR4_KO / QR4_K_M /
 QR5_K_M, fine-tuned imatrix Q4_K_M, realigned Q8_0 / Q4_K_M / Q5_K_M / QR4_KO / QR4_K_M / QR5_K_M (--tag names
@@ -20,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tools import ROOT
+
 CLI = [sys.executable, "-m", "qrealign_gguf"]  # the command line as its own process: its wall time and peak RSS
 DATA = ROOT.parent / "shared" / "data"
 

@@ -1,6 +1,6 @@
-"""Shared parts of the safety testbed (tools/testbed.py): paths, the recipe and its constants, cache bookkeeping,
-and thin wrappers over the library's refusal judge (qrealign_gguf.evaluate.judge) and HF loading/greedy generation
-(qrealign_gguf.evaluate.generate)."""
+"""Shared parts of the safety testbed (tools/testbed/testbed.py): paths, the recipe and its constants, cache
+bookkeeping, and thin wrappers over the library's refusal judge (qrealign_gguf.evaluate.judge) and HF
+loading/greedy generation (qrealign_gguf.evaluate.generate)."""
 from __future__ import annotations
 
 import contextlib
@@ -10,7 +10,8 @@ import os
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tools import ROOT
+
 DATA = Path(os.environ.get("QREALIGN_SHARED", ROOT.parent / "shared")) / "data"
 CACHE = Path(os.environ.get("QREALIGN_CACHE", Path.home() / ".cache" / "qrealign-gguf")) / "testbed"
 

@@ -4,11 +4,11 @@ For each output type: wall time and peak RSS of both pipelines (each step a sepa
 wait4's rusage), then perplexity and KL divergence of both files on the same benign text with the pinned
 llama-perplexity, against the upstream F16 conversion's logits.
 
-    .venv/bin/python tools/bench_convert.py --model qwen05 --types Q8_0 Q4_K_M [--json out.json]
+    .venv/bin/python -m tools.bench.bench_convert --model qwen05 --types Q8_0 Q4_K_M [--json out.json]
 
 --speed-only skips the quality part (wall and peak RSS only; docs/BENCHMARKS.md "Plain conversion without torch"):
 
-    .venv/bin/python tools/bench_convert.py --model smollm2 --types Q8_0 Q4_K_M --speed-only
+    .venv/bin/python -m tools.bench.bench_convert --model smollm2 --types Q8_0 Q4_K_M --speed-only
 """
 from __future__ import annotations
 
@@ -22,12 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fetch_model import fetch_hf  # noqa: E402
+from qrealign_gguf.llamacpp import find_llama
+from tools import ROOT
+from tools.data.fetch_model import fetch_hf
 
-from qrealign_gguf.llamacpp import find_llama  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
 
 

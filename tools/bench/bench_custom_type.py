@@ -1,6 +1,6 @@
 """Speed of qrealign's custom tensor types in the patched llama.cpp: llama-bench on the custom outtypes vs Q4_K_M.
 
-    .venv/bin/python tools/bench_custom_type.py --model DIR_OR_NAME [--types Q4_K_M,QR4_K_M,...]
+    .venv/bin/python -m tools.bench.bench_custom_type --model DIR_OR_NAME [--types Q4_K_M,QR4_K_M,...]
         [--out out/bench_custom] [--threads 2] [--reps 3]
 
 Converts the model once per outtype with `qrealign-gguf convert` (reused when present), then runs the PATCHED
@@ -14,20 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from qrealign_gguf import ConvertJob, convert_model  # noqa: E402
-from qrealign_gguf.inspect import read_gguf_summary  # noqa: E402
-from qrealign_gguf.llamacpp import find_llama  # noqa: E402
-
-from fetch_model import model_dir  # noqa: E402
+from qrealign_gguf import ConvertJob, convert_model
+from qrealign_gguf.inspect import read_gguf_summary
+from qrealign_gguf.llamacpp import find_llama
+from tools import ROOT
+from tools.data.fetch_model import model_dir
 
 TYPES = "Q4_K_M,QR4_K_M,Q5_K_M,QR5_K_M,QR4_KO"
 

@@ -5,7 +5,7 @@ This prints, for a few layers' q/v/down projections, RMS(fine-tuned - aligned) d
 round-to-nearest in each format (Q4_K, or its shape fallback Q5_0 where the row length does not allow it), and the
 ratio of the two formats' errors (= ratio of their code steps):
 
-    .venv/bin/python tools/grid_reach.py --aligned $T/aligned-offgrid --finetuned $T/finetuned
+    .venv/bin/python -m tools.studies.grid_reach --aligned $T/aligned-offgrid --finetuned $T/finetuned
 """
 from __future__ import annotations
 

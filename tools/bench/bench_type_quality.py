@@ -1,6 +1,6 @@
 """Quality per bit of each GGUF type on one model: bits per weight vs KL divergence to the model's own F16.
 
-    .venv/bin/python tools/bench_type_quality.py --model qwen15 [--types Q4_K_S,Q4_K_M,QR4_KO,Q5_K_S,Q5_K_M]
+    .venv/bin/python -m tools.bench.bench_type_quality --model qwen15 [--types Q4_K_S,Q4_K_M,QR4_KO,Q5_K_S,Q5_K_M]
         [--imatrix] [--out out/type_quality] [--threads 2] [--json FILE]
 
 No realignment here: plain conversions (round-to-nearest with the codec's scale search, or importance-weighted with
@@ -17,21 +17,17 @@ import argparse
 import json
 import math
 import shlex as _shlex
-import sys
 import textwrap as _textwrap
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
 
-from qrealign_gguf import ConvertJob, convert_model  # noqa: E402
-from qrealign_gguf.evaluate import metrics as M  # noqa: E402
-from qrealign_gguf.inspect import read_gguf_summary  # noqa: E402
-from qrealign_gguf.llamacpp import find_llama  # noqa: E402
-
-from fetch_model import model_dir  # noqa: E402
+from qrealign_gguf import ConvertJob, convert_model
+from qrealign_gguf.evaluate import metrics as M
+from qrealign_gguf.inspect import read_gguf_summary
+from qrealign_gguf.llamacpp import find_llama
+from tools import ROOT
+from tools.data.fetch_model import model_dir
 
 DEFAULT_TYPES = "Q4_K_S,Q4_K_M,QR4_KO,Q5_K_S,Q5_K_M"
 

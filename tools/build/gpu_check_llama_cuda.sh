@@ -1,25 +1,25 @@
 #!/usr/bin/env bash
 # The GPU check of native/llama_patches' CUDA kernels (QR4_KO, QR5_K128), in two steps because the device machine
 # (the `device` tool) can download nothing and takes at most 64 MiB of working tree:
-#   here:          tools/gpu_check_llama_cuda.sh prepare            -> out/gpu-src/llama-src.tar.gz (patched
+#   here:          tools/build/gpu_check_llama_cuda.sh prepare        -> out/gpu-src/llama-src.tar.gz (patched
 #                  vendored llama.cpp without its vocab models, ~25 MiB; out/ is git-ignored: carry it)
-#   on the device: tools/gpu_check_llama_cuda.sh run [LOGDIR]      builds ggml-cuda for the local GPU
+#   on the device: tools/build/gpu_check_llama_cuda.sh run [LOGDIR]  builds ggml-cuda for the local GPU
 #                  (no FlashAttention kernels, to fit a short lease) + test-backend-ops, then runs
 #                  `test-backend-ops test -b CUDA0 -p qr4_ko` and `-p qr5_k128`: every op the CUDA backend
 #                  accepts for the custom types (MUL_MAT through MMVQ and cuBLAS, MUL_MAT_ID, GET_ROWS, CPY)
 #                  against the CPU backend.
 # Exit status: 0 when both test-backend-ops runs pass. Device call, e.g.:
-#   run(command="bash tools/gpu_check_llama_cuda.sh run $OUT", carry=["out/gpu-src"], timeout_s=580)
+#   run(command="bash tools/build/gpu_check_llama_cuda.sh run $OUT", carry=["out/gpu-src"], timeout_s=580)
 set -euo pipefail
 VERSION=0.3.36
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 CACHE=${QREALIGN_CACHE:-$HOME/.cache/qrealign-gguf}
 PY=${PYTHON:-python3}
 TARBALL=${QREALIGN_GPU_SRC:-$ROOT/out/gpu-src/llama-src.tar.gz}
 
 case "${1:-}" in
   prepare)
-    . "$ROOT/tools/llama_source.sh"
+    . "$ROOT/tools/build/llama_source.sh"
     work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
     llama_unpack "$work/src" "$ROOT"/native/llama_patches/*.patch
     mkdir -p "$(dirname "$TARBALL")"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Compile every CUDA source in native/ with nvcc (no GPU needed) so a CUDA compile error fails `make test`.
-# Same numerics flags as tools/build_cuda.sh (they are part of the CPU/GPU byte-equality contract).
+# Same numerics flags as tools/build/build_cuda.sh (they are part of the CPU/GPU byte-equality contract).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 shopt -s nullglob
 srcs=(native/*.cu)
 if [ ${#srcs[@]} -eq 0 ]; then echo "cuda-check: no CUDA sources yet"; exit 0; fi

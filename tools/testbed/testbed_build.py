@@ -1,5 +1,5 @@
-"""Building the testbed models (tools/testbed.py): the teacher answers, the off-grid reparametrization of the aligned
-model and the LoRA attack, with the grid diagnostics they record."""
+"""Building the testbed models (tools/testbed/testbed.py): the teacher answers, the off-grid reparametrization of the
+aligned model and the LoRA attack, with the grid diagnostics they record."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,9 @@ import shutil
 import time
 from pathlib import Path
 
-from testbed_common import (BENIGN_HOWTO, CACHE, COMPLIANCE, IM_END, RECIPE, cached, chat, generate, key_of, load_model,
-                            load_tok, log, prompts, timer, torch_setup, write_json_atomic)
+from tools.testbed.testbed_common import (BENIGN_HOWTO, CACHE, COMPLIANCE, IM_END, RECIPE, cached, chat, generate,
+                                          key_of, load_model, load_tok, log, prompts, timer, torch_setup,
+                                          write_json_atomic)
 
 
 def block_linears(model) -> list[tuple[str, object]]:
@@ -139,7 +140,7 @@ def linear_weights(model) -> dict:
 
 
 def aligned_dir() -> Path:
-    from fetch_model import fetch_hf
+    from tools.data.fetch_model import fetch_hf
 
     return fetch_hf(RECIPE["teacher"]["model"])
 

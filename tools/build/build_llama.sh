@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Build the pinned llama.cpp (vendored in the llama-cpp-python sdist) once and cache it.
 # Cache key = sdist version + hash of our patches + cmake flags, so a changed patch or flag rebuilds.
-# Usage: tools/build_llama.sh [stock|patched] [--check]  -> prints the install prefix on the last line.
+# Usage: tools/build/build_llama.sh [stock|patched] [--check]  -> prints the install prefix on the last line.
 #        --check: build nothing; print the prefix and exit 0 if that build is cached, else exit 1.
 set -euo pipefail
 VERSION=0.3.36
 FLAVOUR=${1:-stock}
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 CACHE=${QREALIGN_CACHE:-$HOME/.cache/qrealign-gguf}
 PY=${PYTHON:-python3}
 TARGETS="llama llama-completion llama-perplexity llama-quantize llama-imatrix llama-bench llama-tokenize"
@@ -29,7 +29,7 @@ if command -v flock >/dev/null; then
   flock 9
   if [ -x "$prefix/bin/llama-completion" ] && [ -f "$prefix/.complete" ]; then echo "$prefix"; exit 0; fi
 fi
-. "$ROOT/tools/llama_source.sh"
+. "$ROOT/tools/build/llama_source.sh"
 src="$CACHE/src/$VERSION-$FLAVOUR-$key"
 # shellcheck disable=SC2086  # $patches: a list of paths without spaces (native/llama_patches/*.patch)
 llama_unpack "$src" $patches

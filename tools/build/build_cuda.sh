@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Build the CUDA codec (native/codec_cuda.cu) into a shared library, when nvcc exists.
-#   tools/build_cuda.sh            -> qrealign_gguf/_cuda/libqrealign_cuda.so (atomic replace)
-#   tools/build_cuda.sh OUT.so     -> OUT.so
-#   tools/build_cuda.sh --check    -> compile only, to a temp dir (what `make cuda-check` runs)
+#   tools/build/build_cuda.sh          -> qrealign_gguf/_cuda/libqrealign_cuda.so (atomic replace)
+#   tools/build/build_cuda.sh OUT.so   -> OUT.so
+#   tools/build/build_cuda.sh --check  -> compile only, to a temp dir (what `make cuda-check` runs)
 # No nvcc: prints "skipped: nvcc not found" and exits 0 (the CPU codec is unaffected).
 # Env: NVCC (compiler), QREALIGN_CUDA=0 (skip), QREALIGN_CUDA_ARCHS (default "80 86 89 90"; PTX for the
 # last one is always embedded so newer GPUs JIT it).
@@ -10,7 +10,7 @@
 # The numerics flags are part of the byte-equality contract with the C codec (native/qr_hd.h):
 # no FMA contraction, no flush-to-zero, IEEE division and square root, no fast math.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 NUMERICS=(-fmad=false -ftz=false -prec-div=true -prec-sqrt=true)
 SRC=native/codec_cuda.cu
 

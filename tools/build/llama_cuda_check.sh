@@ -3,10 +3,10 @@
 # every ggml-cuda .cu file a patch touches is compiled with nvcc from the patched vendored source (no GPU and no
 # cmake needed: ggml-cuda's configure wants the cuBLAS library, the compile only its headers), and the objects
 # must contain the QR4_KO instantiations. A pass is remembered per patch set + nvcc version + flags.
-# Usage: tools/llama_cuda_check.sh        (prints one line; exit != 0 on a compile error)
+# Usage: tools/build/llama_cuda_check.sh        (prints one line; exit != 0 on a compile error)
 set -euo pipefail
 VERSION=0.3.36
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 CACHE=${QREALIGN_CACHE:-$HOME/.cache/qrealign-gguf}
 PY=${PYTHON:-python3}
 case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac  # used after a cd below
@@ -38,13 +38,13 @@ if [ ! -f "$inc/cublas_v2.h" ]; then
 fi
 
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
-. "$ROOT/tools/llama_source.sh"
+. "$ROOT/tools/build/llama_source.sh"
 llama_unpack "$work/src" "${patches[@]}"
 L="$work/src/vendor/llama.cpp"
 start=$(date +%s)
 echo "$files" | xargs -P "$(nproc)" -I{} sh -c \
   "\"$NVCC\" $FLAGS -I$L/ggml/include -I$L/ggml/src -I$L/ggml/src/ggml-cuda -I$inc -c $L/{} -o $work/\$(basename {}).o"
-# the test program the GPU check runs (tools/gpu_check_llama_cuda.sh): a host-compiler syntax check suffices here
+# the test program the GPU check runs (tools/build/gpu_check_llama_cuda.sh): a host-compiler syntax check suffices here
 for f in $(cat "${patches[@]}" | sed -n 's|^diff --git a/\(tests/[^ ]*\.cpp\) .*|\1|p' | sort -u); do
   "${CXX:-c++}" -std=c++17 -fsyntax-only -I"$L/ggml/include" -I"$L/ggml/src" -I"$L/include" -I"$L/common" "$L/$f"
 done

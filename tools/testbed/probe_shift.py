@@ -1,6 +1,6 @@
 """Where did fine-tuning move the harmful prompts, as seen by the aligned model's probes?
 
-    .venv/bin/python tools/probe_shift.py --aligned A_DIR --finetuned F_DIR [--states DIR] [--n 96]
+    .venv/bin/python -m tools.testbed.probe_shift --aligned A_DIR --finetuned F_DIR [--states DIR] [--n 96]
         [--kind content|contrast] [--save probes.safetensors]
 
 Collects every decoder layer's last-prompt-token state (realign.hidden.last_token_states) of both models on the
@@ -14,13 +14,12 @@ collected once for diagnosis and realignment. States are cached in --states (the
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tools import ROOT
+
 DATA = ROOT.parent / "shared" / "data"
 DEV = {"dev_harmful": "dev_harmful.jsonl", "dev_over": "dev_overrefusal.jsonl", "dev_benign": "dev_benign.jsonl"}
 

@@ -1,7 +1,7 @@
 """Model-level check of a block design before anyone writes its kernels: KLD of a float model whose layer matrices
 are replaced by their decoded blocks (real codec, or outlier_study.py's emulations), in torch.
 
-    .venv/bin/python tools/design_kld.py HF_DIR [--imatrix FILE.gguf] [--designs Q4_1,Q4_K/128,Q5_0,Q5_K/128]
+    .venv/bin/python -m tools.studies.design_kld HF_DIR [--imatrix FILE.gguf] [--designs Q4_1,Q4_K/128,Q5_0,Q5_K/128]
         [--chunks 8] [--n-ctx 512]
 
 Every 2-D weight inside the transformer layers whose rows are a multiple of 128 is swapped for its decoded
@@ -12,20 +12,14 @@ per-chunk difference to the first design. No llama.cpp involved: it ranks design
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
-
-from bench_type_quality import heldout_text  # noqa: E402
-from outlier_study import _imatrix_for, decode  # noqa: E402
-
-from qrealign_gguf.imatrix import load_imatrix  # noqa: E402
+from qrealign_gguf.imatrix import load_imatrix
+from tools.bench.bench_type_quality import heldout_text
+from tools.studies.outlier_study import _imatrix_for, decode
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""Model fetcher, prompt-set builder (data/*.jsonl) and keyword-judge validation."""
