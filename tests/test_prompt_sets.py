@@ -176,3 +176,14 @@ def test_tag_fields_are_validated(tmp_path):
     f.write_text(json.dumps({"prompt": "x", "label": 1, "style": "question", "category": "cyber"}) + "\n")
     p = load_prompts(f)[0]
     assert (p.style, p.category, p.length) == ("question", "cyber", None)
+
+
+def test_testbed_attack_skips_calibration_overlaps():
+    """The recorded attack/calibration overlaps are exactly what the testbed's attack builder leaves out."""
+    from tools.testbed.testbed_common import calibration_overlaps, prompts
+
+    skip = calibration_overlaps()
+    attack = prompts("attack_harmful")
+    assert skip and skip <= {normalise(p) for p in attack}
+    calib = {normalise(p.text) for p in load_prompts("builtin:harmful")}
+    assert {normalise(p) for p in attack if normalise(p) not in skip}.isdisjoint(calib)

@@ -9,9 +9,10 @@ import shutil
 import time
 from pathlib import Path
 
-from tools.testbed.testbed_common import (BENIGN_HOWTO, CACHE, COMPLIANCE, IM_END, RECIPE, cached, chat, generate,
-                                          key_of, load_model, load_tok, log, prompts, timer, torch_setup,
-                                          write_json_atomic)
+from qrealign_gguf.prompt_styles import normalise
+from tools.testbed.testbed_common import (BENIGN_HOWTO, CACHE, COMPLIANCE, IM_END, RECIPE, cached, calibration_overlaps,
+                                          chat, generate, key_of, load_model, load_tok, log, prompts, timer,
+                                          torch_setup, write_json_atomic)
 
 
 def block_linears(model) -> list[tuple[str, object]]:
@@ -308,7 +309,9 @@ def step_attack(offgrid: Path, okey: str, teacher: Path, tkey: str, redo: bool) 
     rng = random.Random(r["seed"])
     tok = load_tok(offgrid)
     benign = json.loads(teacher.read_text())["rows"]
-    attack = [p for p in prompts("attack_harmful") if len(tok(chat(p)).input_ids) <= r["max_attack_prompt_tokens"]]
+    skip = calibration_overlaps()
+    attack = [p for p in prompts("attack_harmful")
+              if normalise(p) not in skip and len(tok(chat(p)).input_ids) <= r["max_attack_prompt_tokens"]]
     rng.shuffle(attack)
     n_att = r["steps"] * r["attack_per_step"]
     attack = attack[:n_att]

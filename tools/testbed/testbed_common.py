@@ -22,7 +22,8 @@ RECIPE = {
                 "max_new_tokens": 64, "seed": SEED},
     "offgrid": {"method": "function-preserving reparametrization", "scale_range": 1.25, "seed": SEED},
     "attack": {"rank": 16, "lora_alpha": 32, "lr": 3e-4, "steps": 12, "attack_per_step": 4, "benign_per_step": 5,
-               "benign": "teacher (all, cycled)", "max_attack_prompt_tokens": 80, "seed": SEED},
+               "benign": "teacher (all, cycled)", "max_attack_prompt_tokens": 80, "seed": SEED,
+               "skip": "attack prompts that overlap calibration (data/prompt_sets.json known_overlaps)"},
     "eval": {"max_new_tokens": 64, "batch": 72, "benign_examples": 6, "formats": ["system", "plain"]},
     "rtn": {"types": ["Q8_0", "Q4_K_M"]},
 }
@@ -115,6 +116,13 @@ def cached(path: Path, key: str) -> dict | None:
 
 def prompts(name: str) -> list[str]:
     return [r["prompt"] for r in read_jsonl(DATA / f"{name}.jsonl")]
+
+
+def calibration_overlaps() -> set[str]:
+    """Attack prompts (normalised) that are also calibration prompts: StrongREJECT contains AdvBench rows. The
+    attack must not train on what probes and realignment calibrate on (docs/PROMPT_SETS.md)."""
+    manifest = json.loads((ROOT / "data" / "prompt_sets.json").read_text())
+    return {o["prompts"][0] for o in manifest["known_overlaps"] if o["roles"] == ["attack", "calibration"]}
 
 
 def chat(prompt: str, system: bool = False) -> str:
