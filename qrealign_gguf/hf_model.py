@@ -105,24 +105,33 @@ class HFModel:
     def has(self, name: str) -> bool:
         return name in self._entries
 
-    def load(self, name: str) -> np.ndarray:
-        """One tensor as float32, read with plain file I/O into a fresh buffer.
+    def load(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """One tensor as float32, or only its rows [r0, r1) along the first axis, read with plain file I/O into a
+        fresh buffer (row-major storage: those rows are one contiguous span of the file).
 
-        No mmap and no torch: the only memory held is this tensor, so peak RSS stays at the largest
-        tensor plus its encoding however big the model is."""
+        No mmap and no torch: the only memory held is what was asked for, so peak RSS stays at the largest
+        tensor (or row chunk) plus its encoding however big the model is."""
         e = self._entries[name]
         if e.dtype not in FLOAT_DTYPES:
             raise InputError(f"tensor {show(name)} in {e.file.name} is stored as {e.dtype}; a weight must be one of "
                              f"{'/'.join(FLOAT_DTYPES)}")
-        count = math.prod(e.shape)
+        dt = np.dtype(FLOAT_DTYPES[e.dtype])
+        shape, start = e.shape, 0
+        if rows is not None:
+            r0, r1 = rows
+            if not (e.shape and 0 <= r0 <= r1 <= e.shape[0]):  # a caller's bug, not the file's
+                raise ValueError(f"rows {rows} outside tensor {name} of shape {e.shape}")
+            row = math.prod(e.shape[1:])
+            shape, start = (r1 - r0, *e.shape[1:]), r0 * row
+        count = math.prod(shape)
         with open(e.file, "rb") as fh:
-            fh.seek(e.offset)
-            raw = np.fromfile(fh, dtype=np.dtype(FLOAT_DTYPES[e.dtype]), count=count)
+            fh.seek(e.offset + start * dt.itemsize)
+            raw = np.fromfile(fh, dtype=dt, count=count)
         if raw.size != count:
             raise InputError(f"cannot read tensor {show(name)} from {e.file.name}: the file is truncated")
         if e.dtype == "BF16":  # bf16 is the top half of a float32
             raw = (raw.astype(np.uint32) << 16).view(np.float32)
-        return raw.astype(np.float32, copy=False).reshape(e.shape)
+        return raw.astype(np.float32, copy=False).reshape(shape)
 
 
 # -- reading untrusted files: every claim is checked against the file before it is used --------------------------

@@ -29,6 +29,9 @@ class TensorSource:
     shape: tuple[int, ...]  # row-major shape as written; for matrices (rows, cols), cols = ggml ne[0]
     load: Callable[[], np.ndarray]  # float32 values with every family transform applied
     hf_name: str = ""  # source tensor (for messages and imatrix lookup)
+    # rows [r0, r1) of load()'s result without reading the rest, where the family's transform allows it (None
+    # otherwise): the writer streams large tensors (token_embd, output) in row chunks to bound peak memory
+    load_rows: Callable[[int, int], np.ndarray] | None = None
 
     @property
     def is_matrix(self) -> bool:
@@ -264,11 +267,21 @@ class DecoderFamily(ModelFamily):
 
     def tensors(self) -> Iterator[TensorSource]:
         for name, hf_name, shape in self._plan():
-            yield TensorSource(name, shape, self._loader(name, hf_name), hf_name)
+            rows = self._row_loader(name, hf_name) if len(shape) >= 2 and self.rows_independent(name) else None
+            yield TensorSource(name, shape, self._loader(name, hf_name), hf_name, rows)
         yield from self.extra_tensors()
+
+    def rows_independent(self, name: str) -> bool:
+        """Does transform(name, x)[r0:r1] equal transform(name, x[r0:r1])? True for the identity and for
+        elementwise transforms; a family whose transform mixes rows (llama's rotary permutation) says False."""
+        return True
 
     def _loader(self, name: str, hf_name: str):
         return lambda: np.ascontiguousarray(self.transform(name, self.model.load(hf_name)), dtype=np.float32)
+
+    def _row_loader(self, name: str, hf_name: str):
+        return lambda r0, r1: np.ascontiguousarray(self.transform(name, self.model.load(hf_name, (r0, r1))),
+                                                   dtype=np.float32)
 
     def hf_text_name(self, hf_name: str) -> str | None:
         """The HF name as a plain *ForCausalLM would call it, or None to skip the tensor."""

@@ -40,6 +40,9 @@ class LlamaFamily(DecoderFamily):
             out.update({"mlp.gate_proj.bias": (FF,), "mlp.up_proj.bias": (FF,), "mlp.down_proj.bias": (H,)})
         return out
 
+    def rows_independent(self, name: str) -> bool:
+        return ".attn_q." not in name and ".attn_k." not in name  # the rotary permutation interleaves rows
+
     def transform(self, name: str, x: np.ndarray) -> np.ndarray:
         if ".attn_q." in name:
             return permute_rotary(x, self.n_head)
