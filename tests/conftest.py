@@ -5,9 +5,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cffi import FFI
 
 from qrealign_gguf.llamacpp import LlamaBuild, find_llama
+from tools.bench.ggml_oracle import GGML
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -15,32 +15,6 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 @pytest.fixture(scope="session")
 def llama() -> LlamaBuild:
     return find_llama()
-
-
-class GGML:
-    """ggml_quantize_chunk / dequantize straight from the pinned libggml-base (the bit-exactness oracle)."""
-
-    def __init__(self, lib_dir: Path) -> None:
-        self.ffi = FFI()
-        self.ffi.cdef("""
-            size_t ggml_quantize_chunk(int type, const float * src, void * dst, int64_t start,
-                                       int64_t nrows, int64_t n_per_row, const float * imatrix);
-            void ggml_quantize_init(int type);
-            typedef struct { int type; } dummy_t;
-            const void * ggml_get_type_traits(int type);
-            size_t ggml_row_size(int type, int64_t ne);
-        """)
-        self.lib = self.ffi.dlopen(str(lib_dir / "libggml-base.so"))
-
-    def quantize(self, x: np.ndarray, type_id: int, imatrix: np.ndarray | None = None) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        rows, cols = x.shape
-        self.lib.ggml_quantize_init(type_id)
-        out = np.zeros((rows, self.lib.ggml_row_size(type_id, cols)), dtype=np.uint8)
-        im = self.ffi.NULL if imatrix is None else self.ffi.cast("float *", np.ascontiguousarray(imatrix, np.float32).ctypes.data)
-        self.lib.ggml_quantize_chunk(type_id, self.ffi.cast("float *", x.ctypes.data),
-                                     self.ffi.cast("void *", out.ctypes.data), 0, rows, cols, im)
-        return out
 
 
 @pytest.fixture(scope="session")

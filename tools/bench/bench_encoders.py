@@ -36,52 +36,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from cffi import FFI
 
 from tools import ROOT
+from tools.bench.ggml_oracle import GGML
 
 TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 PATHS = ["rtn", "imatrix"]
 MODELS = ("smollm2", "qwen05")  # tools.data.fetch_model names
-
-
-# ---------------------------------------------------------------------------------------------- ggml (oracle)
-class GGML:
-    """ggml_quantize_chunk from the pinned libggml-base via cffi (same approach as tests/conftest.py)."""
-
-    def __init__(self, lib_dir: Path) -> None:
-        self.ffi = FFI()
-        self.ffi.cdef("""
-            size_t ggml_quantize_chunk(int type, const float * src, void * dst, int64_t start,
-                                       int64_t nrows, int64_t n_per_row, const float * imatrix);
-            void ggml_quantize_init(int type);
-            size_t ggml_row_size(int type, int64_t ne);
-        """)
-        self.lib_path = lib_dir / "libggml-base.so"
-        self.lib = self.ffi.dlopen(str(self.lib_path))
-
-    def init(self, type_id: int) -> None:
-        self.lib.ggml_quantize_init(type_id)
-
-    def quantize(self, x: np.ndarray, type_id: int, imatrix: np.ndarray | None,
-                 pool: ThreadPoolExecutor | None = None, nthreads: int = 1) -> np.ndarray:
-        """x must be C-contiguous float32 (rows, cols). nthreads > 1: row chunks, one call per pool thread."""
-        rows, cols = x.shape
-        out = np.empty((rows, self.lib.ggml_row_size(type_id, cols)), dtype=np.uint8)
-        src = self.ffi.cast("float *", x.ctypes.data)
-        dst = self.ffi.cast("void *", out.ctypes.data)
-        im = self.ffi.NULL if imatrix is None else self.ffi.cast("float *", imatrix.ctypes.data)
-        fn = self.lib.ggml_quantize_chunk
-        if nthreads <= 1 or pool is None:
-            fn(type_id, src, dst, 0, rows, cols, im)
-            return out
-        per = -(-rows // nthreads)
-        chunks = [(r0, min(per, rows - r0)) for r0 in range(0, rows, per)]
-        # ggml_quantize_chunk reads src + start and writes dst + (start / n_per_row) * row_size itself
-        futs = [pool.submit(fn, type_id, src, dst, r0 * cols, n, cols, im) for r0, n in chunks]
-        for f in futs:
-            f.result()
-        return out
 
 
 # ---------------------------------------------------------------------------------------------- data
