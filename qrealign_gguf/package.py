@@ -118,11 +118,24 @@ def _read_report(report_path: Path) -> dict[str, Any]:
     return report
 
 
-def _eval_summary(report: dict[str, Any], report_path: Path, gguf_name: str, digests: set[str]) -> dict[str, Any]:
-    """The variant of the report that measured this file (matched by sha256), without its answers."""
+def _measured(variant: dict[str, Any], digests: list[str]) -> bool:
+    """Did this report variant measure exactly these bytes? A split model: every shard (eval records them all in
+    files_sha256); one file: its sha256 (also in reports that predate files_sha256)."""
+    files = variant.get("files_sha256")
+    if isinstance(files, list):
+        return files == digests
+    return len(digests) == 1 and variant.get("sha256") == digests[0]
+
+
+def _eval_summary(report: dict[str, Any], report_path: Path, gguf_name: str, digests: list[str]) -> dict[str, Any]:
+    """The variant of the report that measured this model (every file matched by sha256), without its answers."""
     variants = report["variants"]
-    match = [v for v in variants if v.get("sha256") in digests]
+    match = [v for v in variants if _measured(v, digests)]
     if not match:
+        if any(v.get("sha256") == digests[0] for v in variants):  # the first shard matches, a later one does not
+            raise InputError(f"--eval {report_path} measured {gguf_name} but not these {len(digests)} shards as they "
+                             "are now (or it records only the first one); re-run `qrealign-gguf eval "
+                             f"{gguf_name} ... --json report.json`")
         same_name = [v for v in variants if Path(str(v.get("path", ""))).name == gguf_name]
         if same_name:
             raise InputError(f"--eval {report_path} measured a different file named {gguf_name} (its sha256 "
@@ -277,7 +290,7 @@ def package(gguf_path: Path, output: Path | None = None, eval_report: Path | Non
                          "reinstall qrealign-gguf")
 
     digests = [sha256_file(f) for f in files]
-    evaluation = (_eval_summary(report, Path(eval_report), files[0].name, set(digests))
+    evaluation = (_eval_summary(report, Path(eval_report), files[0].name, digests)
                   if report is not None else None)
     prov = provenance(summary, files, digests, evaluation)
     mtime = int(files[0].stat().st_mtime)

@@ -106,6 +106,7 @@ def test_split_model_bundles_every_shard(files, tmp_path) -> None:
     shards: list[Path] = files["shards"]
     report = tmp_path / "report.json"  # eval is given the first shard; it records that file's sha256
     report.write_text(json.dumps({"variants": [{"name": "s", "path": str(shards[0]), "sha256": _sha(shards[0]),
+                                                "files_sha256": [_sha(s) for s in shards],
                                                 "harmful": {"n": 3, "refusal": 1.0}}]}))
     one = json.loads(_members_of_single(files["q8"], tmp_path)["provenance.json"])  # the same model in one file
     for given in (shards[0], shards[-1]):  # any shard names the whole set
@@ -123,6 +124,20 @@ def test_split_model_bundles_every_shard(files, tmp_path) -> None:
         assert prov["evaluation"]["variant"]["harmful"]["refusal"] == 1.0
         assert f"Split into {len(shards)} files" in m["tiny-Q8_0/README.md"].decode()
     assert (tmp_path / f"from-{shards[0].name}.tar").read_bytes() == (tmp_path / f"from-{shards[-1].name}.tar").read_bytes()
+
+
+@pytest.mark.parametrize("recorded", ["first_shard_only", "other_last_shard"])
+def test_split_eval_report_must_cover_every_shard(files, tmp_path, recorded) -> None:
+    """A report that measured the first shard only, or a set whose last shard differed, is not this model's."""
+    shards: list[Path] = files["shards"]
+    v = {"name": "s", "path": str(shards[0]), "sha256": _sha(shards[0]), "harmful": {"n": 3, "refusal": 1.0}}
+    if recorded == "other_last_shard":
+        v["files_sha256"] = [_sha(s) for s in shards[:-1]] + ["0" * 64]
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"variants": [v]}))
+    before = snapshot(tmp_path)
+    r = run_cli(["package", shards[0], "-o", tmp_path / "b.tar", "--eval", report])
+    assert_refused(r, before, tmp_path, match="re-run")
 
 
 def _members_of_single(gguf: Path, tmp_path: Path) -> dict[str, str]:
@@ -251,7 +266,7 @@ def test_eval_report_ties_to_package(files, tmp_path, llama) -> None:  # noqa: A
     r = runner.invoke(app, ["eval", str(files["q8"]), "--harmful", str(h), "--max-new-tokens", "4", "--json", str(rj)])
     assert r.exit_code == 0, r.output
     v = json.loads(rj.read_text())["variants"][0]
-    assert v["sha256"] == _sha(files["q8"])
+    assert v["sha256"] == _sha(files["q8"]) and v["files_sha256"] == [v["sha256"]]
     renamed = tmp_path / "renamed.gguf"  # the same bytes under another name are still the measured file
     shutil.copyfile(files["q8"], renamed)
     r = runner.invoke(app, ["package", str(renamed), "-o", str(tmp_path / "b.tar"), "--eval", str(rj)])

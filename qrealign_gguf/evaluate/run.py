@@ -147,7 +147,7 @@ def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | Non
              kld: bool = True, template: str = "jinja", log: Log | None = None,
              cache_dir: Path | None = None) -> dict:
     """Validate everything, then generate, judge and measure; returns the report dict (see report.py)."""
-    from ..package import sha256_file
+    from ..package import model_files, sha256_file
     from . import metrics as M
     from .judge import agreement, keyword_judge, model_judge
 
@@ -208,8 +208,11 @@ def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | Non
             cache[key] = (split(ans), stats)
         answers[name], stats = cache[key]
         report["variants"].append({"name": name, "path": str(m), "kind": kind,
-                                   # what `package --eval` matches the bundled file by (not its name)
+                                   # what `package --eval` matches the bundled file by (not its name): the
+                                   # given file, and every shard of a split model
                                    "sha256": sha256_file(Path(m)) if kind == "gguf" else None,
+                                   "files_sha256": ([sha256_file(f) for f in model_files(Path(m))[0]]
+                                                    if kind == "gguf" else None),
                                    "generation": {k: stats[k] for k in ("seconds", "generated_tokens", "tokens_per_s")}})
     ref_answers: list[str] | None = None
     if reference is not None and "benign" in sets:
