@@ -120,7 +120,8 @@ def probe_model(model: str | Path, output: str | Path | None = None, *, harmful:
             ps.save(tmp)
     if png is not None:
         from .evaluate.report import plot_probe_accuracy
-        plot_probe_accuracy(ps.heldout_acc.tolist(), png, extra={"train": ps.train_acc.tolist()})
+        with written_whole(png, force) as tmp:
+            plot_probe_accuracy(ps.heldout_acc.tolist(), tmp, extra={"train": ps.train_acc.tolist()})
     return ps
 
 
@@ -147,9 +148,13 @@ def evaluate_models(models: list[str | Path], *, harmful: str | Path | None = No
                       log=log, cache_dir=_path(cache_dir))
     report["settings"]["seconds"] = round(time.perf_counter() - t0, 1)
     if js is not None:
-        write_json(report, js)
+        js.parent.mkdir(parents=True, exist_ok=True)
+        with written_whole(js, force) as tmp:  # renamed into place when complete: never half a report
+            write_json(report, tmp)
     if png is not None:
-        plot_report(report, png)
+        png.parent.mkdir(parents=True, exist_ok=True)
+        with written_whole(png, force) as tmp:
+            plot_report(report, tmp)
     return report
 
 

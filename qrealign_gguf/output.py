@@ -193,7 +193,8 @@ def written_whole(path: Path | None, force: bool) -> Iterator[Path | None]:
     if path is None:
         yield None
         return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    # the extension stays last: some writers (matplotlib) choose the format by it
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
     try:
         yield tmp
         if not force and os.path.lexists(path):
