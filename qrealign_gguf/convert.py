@@ -139,7 +139,7 @@ def _chunked(t: PlannedTensor) -> bool:
     return t.source.load_rows is not None and 4 * math.prod(t.source.shape) > CHUNK_BYTES
 
 
-def _load_checked(t: PlannedTensor, rows: tuple[int, int] | None = None) -> np.ndarray:
+def load_checked(t: PlannedTensor, rows: tuple[int, int] | None = None) -> np.ndarray:
     """The tensor (or its rows [r0, r1)) as float32, refused when it holds NaN or Inf."""
     x = t.source.load() if rows is None else t.source.load_rows(*rows)
     if not np.isfinite(x).all():
@@ -212,9 +212,9 @@ def convert(model_dir: str | Path, output: str | Path, opts: ConvertOptions | No
             if pre is not None:
                 data = pre
             elif _chunked(t):
-                data = _RowChunks(t, lambda r0, r1, t=t, enc=enc: enc(_load_checked(t, (r0, r1))))
+                data = _RowChunks(t, lambda r0, r1, t=t, enc=enc: enc(load_checked(t, (r0, r1))))
             else:
-                data = enc(_load_checked(t))
+                data = enc(load_checked(t))
             if data.nbytes != t.nbytes:  # an internal invariant, not a user error
                 raise AssertionError(f"{t.source.name}: encoded {data.nbytes} bytes, planned {t.nbytes}")
             w.write_tensor_data(data if isinstance(data, _RowChunks) else data.reshape(-1).view(np.uint8))
@@ -225,7 +225,7 @@ def convert(model_dir: str | Path, output: str | Path, opts: ConvertOptions | No
         files = sorted(f for f in tmpdir.iterdir() if f.name != WRITER_LOCK)
         if opts.packed:
             verify_packed(files, opts.packed)
-        final = move_into_place(files, out.parent if str(out.parent) else Path("."), opts.force)
+        final = move_into_place(files, out.parent, opts.force)
     except OSError as e:
         if e.errno is None:  # numpy's tofile reports a short write without errno (a full disk, quota or ulimit -f)
             raise InputError(f"{out}: the write stopped short ({e}): the disk, the quota or the file size limit is "

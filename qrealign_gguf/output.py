@@ -45,7 +45,7 @@ def _is_shard_of(name: str, stem: str) -> bool:
 
 def existing_outputs(out: Path) -> list[Path]:
     """Files of an earlier run on the same target: the single file and shard sets of any count."""
-    parent = out.parent if str(out.parent) else Path(".")
+    parent = out.parent
     found = [out] if os.path.lexists(out) else []
     with os.scandir(parent) as it:
         found += sorted(parent / e.name for e in it if _is_shard_of(e.name, out.stem))
@@ -58,7 +58,7 @@ def check_output(plan: Plan, *, split_max_size: int = 0, force: bool = False) ->
     out = plan.output
     if out.suffix != ".gguf":
         raise InputError(f"output {out} must end in .gguf (or be an existing directory)")
-    parent = out.parent if str(out.parent) else Path(".")
+    parent = out.parent
     if parent.exists() and not parent.is_dir():
         raise InputError(f"output directory {parent} is not a directory (a file of that name exists); "
                          "choose another output path")
@@ -93,7 +93,7 @@ def check_output(plan: Plan, *, split_max_size: int = 0, force: bool = False) ->
 
 def make_partial_dir(out: Path) -> Path:
     """The hidden .<stem>.XXXXXXXX.partial/ beside the target; OS errors name the target, not the hidden dir."""
-    parent = out.parent if str(out.parent) else Path(".")
+    parent = out.parent
     try:  # the stem is cut so a long (but legal) output name still leaves room for the temporary one
         return Path(tempfile.mkdtemp(prefix=f".{out.stem[:150]}.", suffix=PARTIAL_SUFFIX, dir=parent))
     except OSError as e:  # the cause is the directory (read-only, no permission, /proc), not the hidden name
@@ -114,7 +114,7 @@ def lock_partial_dir(tmpdir: Path) -> int:
 def remove_stale_partials(out: Path) -> list[Path]:
     """Delete partial dirs of earlier runs on this target that died (SIGKILL, power loss): only directories named
     like ours, holding our lock file, whose lock nobody holds. Anything else is left alone."""
-    parent = out.parent if str(out.parent) else Path(".")
+    parent = out.parent
     prefix = f".{out.stem[:150]}."
     removed = []
     with os.scandir(parent) as it:

@@ -116,8 +116,8 @@ def test_row_chunks_write_the_same_bytes(tmp_path, monkeypatch, outtype, imatrix
     convert(model, whole, ConvertOptions(outtype=outtype, importance=importance))
     monkeypatch.setattr(conv, "CHUNK_BYTES", 1 << 20)
     seen: list[str] = []
-    real = conv._load_checked
-    monkeypatch.setattr(conv, "_load_checked", lambda t, rows=None: (seen.append(t.source.name) if rows else None,
+    real = conv.load_checked
+    monkeypatch.setattr(conv, "load_checked", lambda t, rows=None: (seen.append(t.source.name) if rows else None,
                                                                     real(t, rows))[1])
     chunked = tmp_path / "chunked.gguf"
     convert(model, chunked, ConvertOptions(outtype=outtype, importance=importance))

@@ -207,12 +207,13 @@ def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | Non
                                           builds.get(Path(m)))
             cache[key] = (split(ans), stats)
         answers[name], stats = cache[key]
+        # what `package --eval` matches the bundled file by (not its name): every shard of the model, each hashed
+        # once; "sha256" is the given file's
+        shards = model_files(Path(m))[0] if kind == "gguf" else []
+        digests = [sha256_file(f) for f in shards]
+        own = digests[[s.name for s in shards].index(Path(m).name)] if digests else None
         report["variants"].append({"name": name, "path": str(m), "kind": kind,
-                                   # what `package --eval` matches the bundled file by (not its name): the
-                                   # given file, and every shard of a split model
-                                   "sha256": sha256_file(Path(m)) if kind == "gguf" else None,
-                                   "files_sha256": ([sha256_file(f) for f in model_files(Path(m))[0]]
-                                                    if kind == "gguf" else None),
+                                   "sha256": own, "files_sha256": digests or None,
                                    "generation": {k: stats[k] for k in ("seconds", "generated_tokens", "tokens_per_s")}})
     ref_answers: list[str] | None = None
     if reference is not None and "benign" in sets:

@@ -33,10 +33,6 @@ def model_files_digest(model_dir: str | Path) -> str:
     return h.hexdigest()
 
 
-def file_digest(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 class Checkpoints:
     def __init__(self, directory: str | Path, fp: str) -> None:
         self.dir = Path(directory)

@@ -13,6 +13,7 @@ import torch
 
 from .. import __version__
 from ..chat import chat_ids
+from ..convert import load_checked
 from ..device import resolve_device
 from ..errors import InputError
 from ..formats import codec
@@ -244,9 +245,7 @@ def check_finite_weights(plan) -> None:  # noqa: ANN001 - convert.Plan
     """Read every tensor once before the long work: a NaN or Inf weight would otherwise surface only when the
     file is written, after the whole realignment (the write refuses it, so nothing bad is left, but hours are lost)."""
     for t in plan.tensors:
-        if not np.isfinite(t.source.load()).all():
-            raise InputError(f"tensor {t.source.hf_name or t.source.name} contains NaN or Inf values; "
-                             "the checkpoint is broken, fix it before converting")
+        load_checked(t)
 
 
 def prepare_realign(opts: RealignOptions, finetuned: Path, plan, device: str) -> ProbeSet | None:  # noqa: ANN001
