@@ -3,7 +3,9 @@
 `builtin:benign` / `builtin:harmful` name the calibration sets shipped in qrealign_gguf/data (see LICENSES.md);
 `builtin:benign-varied` / `builtin:harmful-varied` are the same prompts, each rephrased into one of several
 phrasing styles (prompt_styles.vary, fixed seed: reproducible; harmful and benign alike, so the phrasing alone is
-no signal). Optional "style" / "category" / "length" fields (prompt_styles tags) are kept for per-style and
+no signal). `builtin:benign-paired` / `builtin:harmful-paired` give every prompt twice in a row, as written and
+rephrased into a non-imperative style: the same request in two phrasings, so a calibration that must move (or
+keep) both learns the request, not the phrasing. Optional "style" / "category" / "length" fields (prompt_styles tags) are kept for per-style and
 per-category evaluation.
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ from .errors import InputError
 
 BUILTIN = {"builtin:benign": "calib_benign.jsonl", "builtin:harmful": "calib_harmful.jsonl"}
 VARIED = {"builtin:benign-varied": "builtin:benign", "builtin:harmful-varied": "builtin:harmful"}
+PAIRED = {"builtin:benign-paired": "builtin:benign", "builtin:harmful-paired": "builtin:harmful"}
 VARIED_SEED = 0
 TAG_FIELDS = ("style", "category", "length")
 
@@ -40,13 +43,15 @@ def load_prompts(path: str | Path, need_labels: bool = False, limit: int | None 
     name = str(path)
     if name in VARIED:
         return _varied(name, limit, expect_label)
+    if name in PAIRED:
+        return _paired(name, limit, expect_label)
     if name in BUILTIN:
         text = resources.files("qrealign_gguf.data").joinpath(BUILTIN[name]).read_text()
         suffix = ".jsonl"
     else:
         p = Path(path)
         if not p.is_file():
-            raise InputError(f"prompt file {p} does not exist (or use {' / '.join([*BUILTIN, *VARIED])})")
+            raise InputError(f"prompt file {p} does not exist (or use {' / '.join([*BUILTIN, *VARIED, *PAIRED])})")
         text = p.read_text(encoding="utf-8", errors="replace")
         suffix = p.suffix
     out: list[Prompt] = []
@@ -92,3 +97,21 @@ def _varied(name: str, limit: int | None, expect_label: int | None) -> list[Prom
     harmful = base[0].label == 1
     return [Prompt(text, p.label, tag_style(text), tag_category(text) if harmful else None, tag_length(text))
             for p, (text, _) in zip(base, vary([p.text for p in base], seed=VARIED_SEED))]
+
+
+def _paired(name: str, limit: int | None, expect_label: int | None) -> list[Prompt]:
+    """Prompt i as written, then rephrased (prompt_styles.vary over the non-imperative templates); a limit of N
+    takes the first ceil(N/2) prompts, both phrasings of each but the last when N is odd."""
+    from .prompt_styles import TEMPLATES, rephrase, tag_category, tag_length, tag_style, vary
+
+    base = load_prompts(PAIRED[name], limit=None if limit is None else (limit + 1) // 2, expect_label=expect_label)
+    harmful = base[0].label == 1
+    others = tuple(t for t, (style, _) in TEMPLATES.items() if style != "imperative")
+    wrappers = tuple(t for t, (style, _) in TEMPLATES.items() if style in ("role-play", "system-prompt"))
+    out: list[Prompt] = []
+    for i, (p, (text, _)) in enumerate(zip(base, vary([p.text for p in base], seed=VARIED_SEED, templates=others))):
+        if text == p.text.strip():  # a question stays itself under the question templates: frame it instead
+            text = rephrase(p.text, wrappers[i % len(wrappers)])
+        out.append(p)
+        out.append(Prompt(text, p.label, tag_style(text), tag_category(text) if harmful else None, tag_length(text)))
+    return out if limit is None else out[:limit]

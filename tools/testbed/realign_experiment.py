@@ -1,4 +1,4 @@
-"""The Q-realign experiment on the testbed: every variant converted, then evaluated in llama.cpp on dev_* prompts.
+"""The Q-realign experiment on the testbed: every variant converted, then evaluated in llama.cpp on dev or test prompts.
 
     .venv/bin/python -m tools.testbed.realign_experiment --aligned A_DIR --finetuned F_DIR --out DIR [--probes P]
 
@@ -6,7 +6,8 @@ Variants: aligned F16, fine-tuned F16, fine-tuned RTN Q8_0 / Q4_K_M / Q5_K_M and
 QR5_K_M, fine-tuned imatrix Q4_K_M, realigned Q8_0 / Q4_K_M / Q5_K_M / QR4_KO / QR4_K_M / QR5_K_M (--tag names
 them, one per --realign-args setting). Each conversion's wall time and peak RSS are measured as a separate process
 (`python -m qrealign_gguf convert`, what is measured); evaluation runs in-process (qrealign_gguf.evaluate_models) and uses
-dev_harmful / dev_overrefusal / dev_benign (never seen by probes or calibration), the fine-tuned F16 file as
+the --split's sets (dev: data/dev_harmful*.jsonl, data/dev_overrefusal.jsonl, shared dev_benign; test: data/test_*;
+never seen by probes or calibration; recipes are chosen on dev only), the fine-tuned F16 file as
 helpfulness and KLD reference and the aligned F16 file as the second refusal judge. Results go to
 DIR/results.json and a markdown table on stdout. Finished steps are reused when rerun.
 """
@@ -24,6 +25,20 @@ from tools import ROOT
 
 CLI = [sys.executable, "-m", "qrealign_gguf"]  # the command line as its own process: its wall time and peak RSS
 DATA = ROOT.parent / "shared" / "data"
+# prompt sets per evaluation split (data/prompt_sets.json gives each set's role): dev chooses recipes, test only
+# reports. Harmful prompts of a split are every data/<split>_harmful*.jsonl, concatenated in name order.
+SPLITS = {"dev": (ROOT / "data" / "dev_overrefusal.jsonl", DATA / "dev_benign.jsonl"),
+          "test": (ROOT / "data" / "test_overrefusal.jsonl", ROOT / "data" / "test_benign.jsonl")}
+
+
+def harmful_of(split: str, out: Path) -> Path:
+    """One file with every harmful set of the split (the eval engine takes one), rewritten only when it changes."""
+    parts = sorted((ROOT / "data").glob(f"{split}_harmful*.jsonl"))
+    text = "".join(p.read_text() for p in parts)
+    f = out / f"{split}_harmful_all.jsonl"
+    if not f.exists() or f.read_text() != text:
+        f.write_text(text)
+    return f
 
 
 def timed(cmd: list[str], log: Path) -> dict[str, float]:
@@ -45,6 +60,9 @@ def main() -> None:
     ap.add_argument("--realign-args", default="", help="extra convert options for the realigned variants")
     ap.add_argument("--tag", default="", help="name the realigned variants realigned-TAG-<type> (one per setting)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--split", choices=sorted(SPLITS), default="dev",
+                    help="evaluation prompts: dev (choose recipes) or test (report only, never choose on it)")
+    ap.add_argument("--probe-args", default="", help="extra `qrealign-gguf probe` options when the probes are fit here")
     ap.add_argument("--limit", type=int)
     ap.add_argument("--only", nargs="*", help="variant names to (re)build")
     ap.add_argument("--variants", nargs="*", help="build and evaluate only these variants (default: all)")
@@ -84,8 +102,8 @@ def main() -> None:
         if f.exists() and not (a.only and name in a.only):
             continue
         if "--probes" in args and not probes.exists():  # fit once, on the aligned model, when first needed
-            timed([*CLI, "probe", str(a.aligned), "-o", str(probes), "--plot", str(out / "probes.png")],
-                  out / "probe.log")
+            timed([*CLI, "probe", str(a.aligned), "-o", str(probes), "--plot", str(out / "probes.png"),
+                   *a.probe_args.split()], out / "probe.log")
         print(f"converting {name}", flush=True)
         cost = timed([*CLI, "convert", *args, "-o", str(f), "--force"], out / f"{name}.log")
         # re-read before writing: another run of this script may have added its variants meanwhile
@@ -98,12 +116,13 @@ def main() -> None:
     from qrealign_gguf.evaluate.report import print_table
 
     files = [out / f"{n}.gguf" for n in variants]
-    report = out / (f"report-{a.tag}.json" if a.tag else "report.json")
-    print("evaluating", flush=True)
-    rep = evaluate_models(files, harmful=DATA / "dev_harmful.jsonl", overrefusal=DATA / "dev_overrefusal.jsonl",
-                          benign=DATA / "dev_benign.jsonl", reference=out / "finetuned-F16.gguf",
+    report = out / (f"report-{a.tag}-{a.split}.json" if a.tag else f"report-{a.split}.json")
+    print(f"evaluating on the {a.split} split", flush=True)
+    overrefusal, benign = SPLITS[a.split]
+    rep = evaluate_models(files, harmful=harmful_of(a.split, out), overrefusal=overrefusal,
+                          benign=benign, reference=out / "finetuned-F16.gguf",
                           judge=None if a.no_judge else (a.judge or out / "aligned-F16.gguf"),
-                          max_new_tokens=a.max_new_tokens, limit=a.limit, json_out=report, plot=out / "report.png",
+                          max_new_tokens=a.max_new_tokens, limit=a.limit, json_out=report, plot=report.with_suffix(".png"),
                           cache_dir=out / "answers", force=True, log=lambda line: print(line, flush=True))
     print_table(rep)
     print(costs_file.read_text() if costs_file.exists() else "{}")
