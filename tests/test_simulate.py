@@ -173,6 +173,63 @@ def test_gradients_reach_every_learnable(name: str) -> None:
         assert (p.grad != 0).float().mean() > 0.3, f"{name} {label}: gradient mostly zero"
 
 
+def _reference_round(W, v, S, B, g, st):  # noqa: ANN001, ANN202
+    """simulate_grad's formulation in plain autograd (what simulate.py computed before the Function): the
+    oracle for the Function's hand-written backward."""
+    tab = None if g.table is None else torch.tensor(g.table, dtype=torch.float32)
+    idx = torch.arange(16, dtype=torch.float32)
+
+    def interp(x, xk, yk):  # noqa: ANN001, ANN202
+        i = (torch.searchsorted(xk, x.detach().contiguous()) - 1).clamp(0, xk.numel() - 2)
+        return yk[i] + (x - xk[i]) * ((yk[i + 1] - yk[i]) / (xk[i + 1] - xk[i]))
+
+    def target(b, s):  # noqa: ANN001, ANN202
+        p = (W if b is None else W - b) / s
+        return p if tab is None else interp(p, tab, idx)
+
+    Sd = torch.where(S == 0, torch.ones_like(S), S)
+    p = target(B, Sd)
+    q0 = st.q0.float()
+    with torch.no_grad():
+        p0 = torch.where(st.live0, target(st.b0, st.s0), torch.zeros_like(p))
+        z0 = q0 + torch.nan_to_num(p0 - q0).clamp(-sim.RESIDUAL, sim.RESIDUAL)
+    z = torch.where(st.live0, z0 + (p - p0), p) + v.clamp(-sim.V_RANGE, sim.V_RANGE)
+    z = torch.where((S == 0) | torch.isnan(z), q0, z)
+    level = sim._round(z, g.lo, g.hi)
+    value = level if tab is None else sim._ste(tab[level.detach().long()], interp(z.clamp(g.lo, g.hi), idx, tab))
+    return S * value if B is None else S * value + B
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_rounder_gradients_equal_plain_autograd(name: str) -> None:
+    """The rounding Function saves one int8 level and one flag per weight and recomputes the rest in its
+    backward pass; its forward and its gradients in v, S and B must be autograd's for the same formulation."""
+    _require(name)
+    x = torch.from_numpy(_weights(COLS, 12))
+    qt, f = sim._info(name)
+    L = sim.init_params(name, x)
+    _perturb(L, 5)
+    L.project_()
+    with torch.no_grad():
+        S, B = sim.FAMILIES[f.family](f, *sim._scales(f, L))
+    Wb = sim._blocks(x, qt)
+    v = torch.rand(L.v.shape, generator=torch.Generator().manual_seed(2)) * 1.6 - 0.8  # beyond V_RANGE too
+    upstream = torch.randn(Wb.shape, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for fn in (lambda *a: sim.round_blocks(*a)[0], _reference_round):
+        leaves = [v.clone().requires_grad_(), S.clone().requires_grad_(),
+                  None if B is None else B.clone().requires_grad_()]
+        w = fn(Wb, leaves[0], leaves[1], leaves[2], sim._grid(f), L.start)
+        (w * upstream).nan_to_num(0.0).sum().backward()
+        grads.append((w.detach(), *(t.grad for t in leaves if t is not None)))
+    _same(grads[0][0], grads[1][0], f"{name} forward")
+    for label, a, b in zip(("dv", "dS", "dB"), grads[0][1:], grads[1][1:]):
+        ok = torch.isfinite(b)
+        assert torch.equal(torch.isfinite(a), ok), f"{name} {label}: non-finite positions differ"
+        assert torch.allclose(a[ok], b[ok], rtol=1e-5, atol=1e-6 * float(b[ok].abs().max().clamp(min=1))), \
+            f"{name} {label}: max diff {float((a[ok] - b[ok]).abs().max())}"
+
+
 def _reconstruction_setup(name: str):
     torch.manual_seed(0)
     cols = 256 if qtype(name).nsub else 64  # nn.Linear(64, 32); K-quants need a 256-wide row

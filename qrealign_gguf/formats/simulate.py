@@ -48,11 +48,10 @@ import torch
 from torch import Tensor
 
 from . import codec
+from .simulate_grad import RESIDUAL, V_RANGE, Grid, Start, round_blocks, target_into  # noqa: F401 (re-exported)
 from .types import QType, qtype as _lookup
 
 IQ4NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
-V_RANGE = 0.5  # |v| <= 0.5: at fixed scales a weight keeps its code or takes the neighbour on v's side
-RESIDUAL = 0.5 - 2.0**-8  # start residual kept strictly inside the rounding cell (round(z0) == q0)
 MUL_RANGE = (0.5, 1.5)  # d_mul / m_mul
 
 
@@ -140,13 +139,13 @@ def _combine(S: Tensor, value: Tensor, B: Tensor | None) -> Tensor:
     return y if B is None else y + B
 
 
-def _put_outliers(y: Tensor, qt: QType, oidx: Tensor, oval: Tensor) -> Tensor:
+def _put_outliers(y: Tensor, qt: QType, oidx: Tensor, oval: Tensor, inplace: bool = False) -> Tensor:
     """y (rows, cols) with y[block b, position oidx[b, j]] = oval[b, j] (float16 -> float32, exact)."""
     rows, cols = y.shape
     nb = cols // qt.block_size
     base = torch.arange(nb, device=y.device).view(1, nb, 1) * qt.block_size
     pos = (oidx.to(y.device).long() + base).reshape(rows, -1)
-    return y.scatter(1, pos, oval.to(y.device).float().reshape(rows, -1))
+    return (y.scatter_ if inplace else y.scatter)(1, pos, oval.to(y.device).float().reshape(rows, -1))
 
 
 def to_torch(p: codec.BlockParams, device: torch.device | str | None = None) -> dict[str, Tensor]:
@@ -187,22 +186,14 @@ def _round(x: Tensor, lo: float, hi: float) -> Tensor:
     return _ste(torch.round(x.detach()).clamp(lo, hi) + 0.0, x.clamp(lo, hi))
 
 
-def _interp(x: Tensor, xk: Tensor, yk: Tensor) -> Tensor:
-    """Piecewise-linear through the knots (xk ascending), extrapolated linearly beyond the ends."""
-    i = (torch.searchsorted(xk, x.detach().contiguous()) - 1).clamp(0, xk.numel() - 2)
-    x0, x1, y0, y1 = xk[i], xk[i + 1], yk[i], yk[i + 1]
-    return y0 + (x - x0) * ((y1 - y0) / (x1 - x0))
-
-
 @dataclass
 class Learn:
     """Start state (frozen, decoded from the encoder's output) and learnables of one weight matrix.
-    Blocked tensors have _blocks' shape; per-block (rows, nb); per-sub-block (rows, nb, nsub)."""
+    Blocked tensors have _blocks' shape; per-block (rows, nb); per-sub-block (rows, nb, nsub). The start's
+    per-weight state is one int8 level (start.q0): the unrounded start levels p0 and z0 are recomputed from
+    W in each call (simulate_grad), because storing them costs 8 bytes per weight."""
     qtype: str
-    q0: Tensor  # encoder's levels (float, blocked)
-    z0: Tensor  # q0 + the start's rounding residual p0 - q0, kept inside q0's rounding cell
-    p0: Tensor  # unrounded levels at the start scales; 0 where the start scale is 0
-    live0: Tensor  # start scale != 0 (blocked broadcast)
+    start: Start  # q0 (int8, blocked), start scales S0 / B0 and which blocks are live (per block)
     d0: Tensor
     m0: Tensor | None
     sc0: Tensor | None
@@ -248,37 +239,30 @@ def _scales(f: _Fmt, L: Learn) -> tuple[Tensor, Tensor | None, Tensor | None, Te
     return d, dmin, sc, mn
 
 
+def _grid(f: _Fmt) -> Grid:
+    return Grid(f.lo, f.hi, IQ4NL_VALUES if f.family == "iq4nl" else None)
+
+
 def _target(f: _Fmt, W: Tensor, S: Tensor, B: Tensor | None) -> Tensor:
     """The unrounded level of each weight at scales (S, B): (W - B) / S; IQ4_NL: the fractional table
     index (linear between entries, so that rounding it picks the nearest entry). S == 0 reads as 1."""
     S = torch.where(S == 0, torch.ones_like(S), S)
-    p = (W if B is None else W - B) / S
-    if f.family == "iq4nl":
-        tab = _table(p)
-        p = _interp(p, tab, torch.arange(16, dtype=torch.float32, device=p.device))
-    return p
+    shape = torch.broadcast_shapes(W.shape, S.shape, () if B is None else B.shape)
+    out = torch.empty(shape, dtype=torch.float32, device=W.device)
+    return target_into(out, W.float(), B, S, None if f.family != "iq4nl" else _grid(f).tables(W.device))
 
 
-def _forward(t: QType | str, W: Tensor, L: Learn) -> tuple[Tensor, Tensor, tuple]:
-    """(W_hat, levels, scales): everything fake_quant and export need, on one code path."""
+def _forward(t: QType | str, W: Tensor, L: Learn) -> tuple[Tensor, Tensor | None, tuple]:
+    """(W_hat, levels, scales): everything fake_quant and export need, on one code path. The per-block
+    scales are plain autograd; the per-weight rounding is simulate_grad's Function (levels: int8, None
+    when the Function records a graph)."""
     qt, f = _info(t)
-    Wb = _blocks(W.float(), qt)
     scales = _scales(f, L)
     S, B = FAMILIES[f.family](f, *scales)
-    p = _target(f, Wb, S, B)
-    z = torch.where(L.live0, L.z0 + (p - L.p0), p) + L.v.clamp(-V_RANGE, V_RANGE)
-    # a zero scale: every code dequantizes the same, keep the encoder's; NaN (inf/inf at fp16-overflowing
-    # scales): keep the encoder's too
-    z = torch.where((S == 0) | torch.isnan(z), L.q0, z)
-    level = _round(z, f.lo, f.hi)
-    value = level
-    if f.family == "iq4nl":
-        tab = _table(z)
-        soft = _interp(z.clamp(f.lo, f.hi), torch.arange(16, dtype=torch.float32, device=z.device), tab)
-        value = _ste(tab[level.detach().long()], soft)
-    w_hat = _combine(S, value, B).reshape(W.shape)
-    if qt.n_outliers:
-        w_hat = _put_outliers(w_hat, qt, L.oidx, L.oval)
+    w_hat, level = round_blocks(_blocks(W.float(), qt), L.v, S, B, _grid(f), L.start)
+    w_hat = w_hat.reshape(W.shape)
+    if qt.n_outliers:  # in place: the Function keeps nothing of its output
+        w_hat = _put_outliers(w_hat, qt, L.oidx, L.oval, inplace=True)
     return w_hat, level, scales
 
 
@@ -297,18 +281,20 @@ def init_params(t: QType | str, W: Tensor | np.ndarray, packed: np.ndarray | Non
     m0 = bp["dmin"].float() if "dmin" in bp else None
     sc0 = _level(bp["sc"], f.sc_lo, f.sc_off) if f.family == "k" else None
     mn0 = bp["mn"].float() if f.mn_hi else None
-    q0 = _blocks(_level(bp["q"], f.lo, f.qoff), qt)
+    q0 = _blocks(_level(bp["q"], f.lo, f.qoff), qt).to(torch.int8)  # levels lie in -128..127
     zeros = lambda x: None if x is None else torch.zeros_like(x, requires_grad=True)  # noqa: E731
     ones = lambda x: None if x is None else torch.ones_like(x, requires_grad=True)  # noqa: E731
-    L = Learn(qt.name, q0, q0, q0, torch.ones_like(q0, dtype=torch.bool), d0, m0, sc0, mn0,
-              v=zeros(q0), d_mul=ones(d0), m_mul=ones(m0), sc_off=zeros(sc0), mn_off=zeros(mn0),
-              oidx=bp.get("oidx"), oval=bp.get("oval"))
     with torch.no_grad():
-        S, B = FAMILIES[f.family](f, *_scales(f, L))
-        L.live0 = (S != 0).expand_as(q0)
-        L.p0 = torch.where(L.live0, _target(f, _blocks(W.float(), qt), S, B), torch.zeros_like(q0))
-        L.z0 = q0 + torch.nan_to_num(L.p0 - q0).clamp(-RESIDUAL, RESIDUAL)
-        assert torch.equal(torch.round(L.z0), q0)
+        S0, B0 = FAMILIES[f.family](f, d0, m0, sc0, mn0)  # what _scales gives at the start learnables
+        live0 = S0 != 0
+        start = Start(q0, torch.where(live0, S0, torch.ones_like(S0)), B0, live0, bool(live0.all()))
+    L = Learn(qt.name, start, d0, m0, sc0, mn0,
+              v=torch.zeros(q0.shape, dtype=torch.float32, device=dev, requires_grad=True),
+              d_mul=ones(d0), m_mul=ones(m0), sc_off=zeros(sc0), mn_off=zeros(mn0),
+              oidx=bp.get("oidx"), oval=bp.get("oval"))
+    with torch.no_grad():  # at the start z == z0 and round(z0) == q0: the levels are the encoder's
+        _, level, _ = _forward(qt, W, L)
+        assert torch.equal(level, q0)
     return L
 
 
