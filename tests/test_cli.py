@@ -186,3 +186,14 @@ def test_device_cuda_without_a_gpu(tiny, tmp_path):
     _no_gguf(tmp_path)
     r = runner.invoke(app, ["convert", str(tiny), "-o", str(tmp_path / "o.gguf"), "--outtype", "Q4_0", "--device", "auto"])
     assert r.exit_code == 0, r.output  # auto falls back to the C codec
+
+
+@pytest.mark.parametrize("outtype, warned", [("Q8_0", True), ("Q4_K_M", False)])
+def test_realigning_to_q8_0_says_rounding_has_little_room(tiny, tmp_path, outtype, warned):
+    """Realigned Q8_0 restored almost no refusal (measured); asking for it gets the caveat, Q4_K_M does not."""
+    r = runner.invoke(app, ["convert", str(tiny), "-o", str(tmp_path), "--outtype", outtype, "--dry-run",
+                            "--probes", str(tmp_path / "probes.safetensors")])
+    assert r.exit_code == 0, r.output
+    assert ("little room to realign" in r.output) == warned, r.output
+    plain = runner.invoke(app, ["convert", str(tiny), "-o", str(tmp_path), "--outtype", outtype, "--dry-run"])
+    assert "little room to realign" not in plain.output  # not realigning: nothing to warn about

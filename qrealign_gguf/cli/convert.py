@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import typer
+from rich.panel import Panel
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -59,6 +60,7 @@ def convert(
     """Convert a Hugging Face model to GGUF; with --aligned or --probes, realign safety while quantizing."""
     from ..api import ConvertJob, convert_model, plan_conversion
     from ..convert import load_metadata_overrides
+    from ..realign.reach import reach_caveat
 
     def work() -> None:
         realign = R(aligned=aligned, probes=probes, harmful=harmful, benign=benign, samples=samples, iters=iters,
@@ -75,6 +77,10 @@ def convert(
         plan = plan_conversion(job)  # numbers before the model headers: a typo must not cost a model load
         if plan.custom_types:
             _warn_custom(plan.custom_types, plan.output)
+        caveat = reach_caveat(plan) if job.realign is not None else None
+        if caveat:
+            err.print(Panel(caveat, title="[bold yellow]warning: little room to realign", border_style="yellow"),
+                      highlight=False)
         if dry_run:
             _print_plan(plan)
             return
@@ -96,8 +102,6 @@ def convert(
 
 def _warn_custom(types: list[str], output: Path) -> None:
     """Loud, on stderr: a file with our custom tensor types does not load in stock llama.cpp."""
-    from rich.panel import Panel
-
     from ..formats.types import qtype
 
     names = ", ".join(f"{n} (id {qtype(n).id})" for n in types)
