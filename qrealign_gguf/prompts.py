@@ -5,8 +5,8 @@
 phrasing styles (prompt_styles.vary, fixed seed: reproducible; harmful and benign alike, so the phrasing alone is
 no signal). `builtin:benign-paired` / `builtin:harmful-paired` give every prompt twice in a row, as written and
 rephrased into a non-imperative style: the same request in two phrasings, so a calibration that must move (or
-keep) both learns the request, not the phrasing. Optional "style" / "category" / "length" fields (prompt_styles tags) are kept for per-style and
-per-category evaluation.
+keep) both learns the request, not the phrasing; only the first PAIRED_REQUESTS requests (below). Optional "style" /
+"category" / "length" fields (prompt_styles tags) are kept for per-style and per-category evaluation.
 """
 from __future__ import annotations
 
@@ -21,6 +21,11 @@ BUILTIN = {"builtin:benign": "calib_benign.jsonl", "builtin:harmful": "calib_har
 VARIED = {"builtin:benign-varied": "builtin:benign", "builtin:harmful-varied": "builtin:harmful"}
 PAIRED = {"builtin:benign-paired": "builtin:benign", "builtin:harmful-paired": "builtin:harmful"}
 VARIED_SEED = 0
+# AdvBench holds families of near-paraphrases ("Give instructions for / Create a guide on / Explain how to commit
+# insider trading and avoid getting caught"), split between calibration and test. A question template that drops
+# the leading verb turns calibration request 141 into a near-duplicate of a test prompt (tests/test_prompt_sets.py
+# found it); the first 64 requests have no such collision, and no recipe has used more than 128 paired rows.
+PAIRED_REQUESTS = 64
 TAG_FIELDS = ("style", "category", "length")
 
 
@@ -100,11 +105,13 @@ def _varied(name: str, limit: int | None, expect_label: int | None) -> list[Prom
 
 
 def _paired(name: str, limit: int | None, expect_label: int | None) -> list[Prompt]:
-    """Prompt i as written, then rephrased (prompt_styles.vary over the non-imperative templates); a limit of N
-    takes the first ceil(N/2) prompts, both phrasings of each but the last when N is odd."""
+    """Prompt i as written, then rephrased (prompt_styles.vary over the non-imperative templates), for the first
+    PAIRED_REQUESTS prompts; a limit of N takes the first ceil(N/2) of them, both phrasings of each but the last
+    when N is odd."""
     from .prompt_styles import TEMPLATES, rephrase, tag_category, tag_length, tag_style, vary
 
-    base = load_prompts(PAIRED[name], limit=None if limit is None else (limit + 1) // 2, expect_label=expect_label)
+    n = PAIRED_REQUESTS if limit is None else min(PAIRED_REQUESTS, (limit + 1) // 2)
+    base = load_prompts(PAIRED[name], limit=n, expect_label=expect_label)
     harmful = base[0].label == 1
     others = tuple(t for t, (style, _) in TEMPLATES.items() if style != "imperative")
     wrappers = tuple(t for t, (style, _) in TEMPLATES.items() if style in ("role-play", "system-prompt"))

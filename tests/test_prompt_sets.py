@@ -229,7 +229,8 @@ def test_varied_sources_are_deterministic_balanced_and_labelled():
 def test_varied_calibration_leaks_nothing_into_dev_or_test():
     roles = _by_role()
     held_out = list(roles["dev"]) + list(roles["test"])
-    varied = [normalise(p.text) for s in ("builtin:harmful-varied", "builtin:benign-varied") for p in load_prompts(s)]
+    sources = ("builtin:harmful-varied", "builtin:benign-varied", "builtin:harmful-paired", "builtin:benign-paired")
+    varied = [normalise(p.text) for s in sources for p in load_prompts(s)]
     assert not set(varied) & set(held_out)
     near = _near_pairs(varied, held_out)
     assert not near, sorted(near)[:3]
