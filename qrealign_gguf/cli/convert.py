@@ -53,6 +53,7 @@ def convert(
     benign_ceiling: Optional[float] = typer.Option(R.benign_ceiling, "--benign-ceiling", help="REALIGN: probe score benign prompts must stay below (default: per layer, the aligned model's median benign score; 0 = the decision boundary)"),
     probe_kind: str = typer.Option(R.probe_kind, "--probe-kind", help="REALIGN with --aligned: content (the paper's probes: aligned model, harmful vs benign prompts) or contrast (aligned vs this fine-tuned model on harmful prompts: the refusal the fine-tune removed)"),
     checkpoints: Optional[Path] = typer.Option(None, "--checkpoints", help="REALIGN: per-layer checkpoint dir (default <output>.realign-ckpt)"),
+    offload_dir: Optional[Path] = typer.Option(None, "--offload-dir", help="REALIGN: keep the per-layer activations (and those of the probe fit) in files under this directory instead of memory, for large prompt sets; removed when done"),
     equalize: bool = typer.Option(R.equalize, "--equalize", help="REALIGN: first fold exact per-channel scalings (norm->q/k/v, v->o, norm->gate/up, up->down; llama/qwen2) chosen on the benign prompts"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda: block encoders (and realignment's torch work); auto = CUDA when a GPU and the CUDA codec are available"),
 ) -> None:
@@ -64,7 +65,7 @@ def convert(
         realign = R(aligned=aligned, probes=probes, harmful=harmful, benign=benign, samples=samples, iters=iters,
                     lr=lr, harm_weight=harm_weight, margin=margin, margin_offset=margin_offset,
                     probe_layers=probe_layers, last_weight=last_weight, benign_ceiling=benign_ceiling,
-                    probe_kind=probe_kind, equalize=equalize, checkpoints=checkpoints)
+                    probe_kind=probe_kind, equalize=equalize, checkpoints=checkpoints, offload_dir=offload_dir)
         realign.check_numbers()  # given without --aligned/--probes they do nothing, but a typo is still a typo
         job = ConvertJob(model=model, output=output, outtype=outtype, imatrix=imatrix, calib=calib,
                          calib_samples=calib_samples, save_imatrix=save_imatrix, pure=pure,

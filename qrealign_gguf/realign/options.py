@@ -25,6 +25,7 @@ class RealignOptions:
     probe_kind: str = "content"  # with aligned: "contrast" fits refusal-state probes against the fine-tuned model
     equalize: bool = False
     checkpoints: str | Path | None = None  # per-layer checkpoints; None: <output>.realign-ckpt, removed after the write
+    offload_dir: str | Path | None = None  # activation streams spilled to files here (large prompt sets); None: memory
 
     def check_numbers(self) -> None:
         """The ranges, before any model is loaded (the rest needs the plan: pipeline.prepare_realign)."""
@@ -35,3 +36,22 @@ class RealignOptions:
                          "--margin": (self.margin, "finite"), "--margin-offset": (self.margin_offset, "finite"),
                          "--benign-last-weight": (self.last_weight, ">=0"),
                          "--benign-ceiling": (self.benign_ceiling, "finite")})
+
+    def check_offload_dir(self) -> None:
+        """--offload-dir exists or can be created, and takes a file: one clear error now, not hours later."""
+        if self.offload_dir is None:
+            return
+        import tempfile
+
+        from ..errors import InputError
+
+        d = Path(self.offload_dir)
+        if d.exists() and not d.is_dir():
+            raise InputError(f"--offload-dir {d} is a file; give a directory for the activation files")
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=d):
+                pass
+        except OSError as e:
+            raise InputError(f"--offload-dir {d} is not a writable directory ({e.strerror or e}); give another "
+                             "one") from None

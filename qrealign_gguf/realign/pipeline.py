@@ -4,9 +4,10 @@ prepare_realign before and run_realign after the cheap checks."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -21,13 +22,33 @@ from ..progress import Log, as_console
 from ..prompts import load_prompts
 from .calibrate import LayerStats, RealignSettings, Target, propagate, realign_layer
 from . import equalize
-from .capture import capture
-from .checkpoint import Checkpoints, fingerprint, model_files_digest
-from .hidden import check_compatible, decoder_layers, model_signature
+from .checkpoint import Checkpoints, PackedLayers, fingerprint, model_files_digest
+from .hidden import check_compatible, model_signature
+from .onload import LayerwiseSource, gather_rows, token_rows
 from .options import RealignOptions
 from .probes import ProbeSet
+from .streams import Store, Stream, on_device
 
 Report = Callable[[int, int, LayerStats, bool], None]  # (layer, n_layers, stats, from_checkpoint)
+PROPAGATE_CHUNK = 16  # prompts per padded batch when propagating the quantized prefix (calibrate.propagate's)
+
+
+class Activations(Protocol):
+    """Where realign_model gets a layer and its inputs: onload.LayerwiseSource (one layer in memory at a time);
+    tests/whole_model.py holds the whole-model capture this replaced, as the oracle."""
+    n_layers: int
+    config: Any  # the decoder's (text) config: head counts
+    q0: Sequence[torch.Tensor]  # per prompt, layer 0's input under the token embedding the file stores
+
+    def kwargs(self, i: int) -> list[dict]: ...  # per prompt, layer i's keyword arguments
+    def layer(self, i: int) -> torch.nn.Module: ...  # layer i, float32, on the CPU
+    def fp_outputs(self, i: int, layer: torch.nn.Module) -> Sequence[torch.Tensor]: ...  # benign FP outputs
+    def release(self, i: int) -> None: ...
+
+
+# (finetuned dir, its family, token ids per prompt, how many lead prompts need full-precision targets, the token
+# rows used, those rows of the quantized token embedding or None, where streams live) -> Activations
+SourceFactory = Callable[[Path, Any, list[list[int]], int, np.ndarray, "torch.Tensor | None", Store], Activations]
 
 
 def _targets(plan, layer: int, importance: dict[str, np.ndarray]) -> list[Target]:  # noqa: ANN001 - convert.Plan
@@ -47,13 +68,17 @@ def _targets(plan, layer: int, importance: dict[str, np.ndarray]) -> list[Target
     return out
 
 
-def _quantized_embedding(plan, importance: dict[str, np.ndarray], device: str = "cpu") -> torch.Tensor | None:  # noqa: ANN001
-    """The token embedding as the file will store it (layer 0's real input); encoded on the GPU when realigning
-    there (the CUDA codec writes the C codec's bytes)."""
+def _quantized_embedding(plan, importance: dict[str, np.ndarray], rows: np.ndarray,  # noqa: ANN001 - convert.Plan
+                         device: str = "cpu") -> torch.Tensor | None:
+    """Rows `rows` of the token embedding as the file will store it (layer 0's real input); encoded on the GPU
+    when realigning there (the CUDA codec writes the C codec's bytes). Every GGUF block type encodes a row on its
+    own (the imatrix is per column), so encoding only the rows of the tokens used gives those rows' values of
+    the whole matrix's encoding (tests/test_layerwise.py)."""
     p = next((t for t in plan.tensors if t.source.name == "token_embd.weight"), None)
     if p is None or p.qtype.name == "F32":
         return None
-    e = p.source.load()
+    src = p.source
+    e = gather_rows(src.load_rows, rows) if src.load_rows is not None else np.ascontiguousarray(src.load()[rows])
     if p.qtype.name == "F16":
         return torch.from_numpy(codec.to_f16(e).astype(np.float32))
     if p.qtype.name == "BF16":
@@ -164,8 +189,13 @@ def realign_model(finetuned: str | Path, plan, probes: ProbeSet, settings: Reali
                   harmful: str | Path = "builtin:harmful", benign: str | Path = "builtin:benign",
                   importance: dict[str, np.ndarray] | None = None, checkpoint_dir: str | Path | None = None,
                   report: Report | None = None, device: str = "cpu",
-                  report_equalize: Callable[[int, list], None] | None = None) -> dict[str, np.ndarray]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+                  report_equalize: Callable[[int, list], None] | None = None, offload_dir: str | Path | None = None,
+                  source: SourceFactory | None = None) -> Mapping[str, np.ndarray]:
+    """Every decoder layer realigned in turn; only the current layer's weights and activation streams are held
+    (offload_dir: the streams live in files there). source: where layers and activations come from (default:
+    read layer by layer; the tests pass the whole-model oracle). Returns the packed GGUF bytes per tensor, read
+    from the per-layer checkpoints on access (so they must stay until the file is written)."""
+    from transformers import AutoTokenizer
 
     importance = importance or {}
     check_compatible(probes.meta, model_signature(finetuned), "the probes' model", str(finetuned))
@@ -181,22 +211,33 @@ def realign_model(finetuned: str | Path, plan, probes: ProbeSet, settings: Reali
                       "importance": sorted(importance)})
     ckpt = Checkpoints(checkpoint_dir or default_checkpoint_dir(plan), fp)
 
-    model = AutoModelForCausalLM.from_pretrained(finetuned, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(finetuned)
     ids_b = [chat_ids(tok, p.text, settings.max_tokens) for p in ben]
     ids_h = [chat_ids(tok, p.text, settings.max_tokens) for p in harm]
-    cache = capture(model, ids_b + ids_h, _quantized_embedding(plan, importance, device))
     nb = len(ids_b)
-    layers = decoder_layers(model)
+    rows = token_rows(ids_b + ids_h)
+    with Store(offload_dir) as store:
+        src = (source or LayerwiseSource)(Path(finetuned), plan.family, ids_b + ids_h, nb, rows,
+                                          _quantized_embedding(plan, importance, rows, device), store)
+        return _realign_layers(src, store, plan, probes, probed, settings, importance, ckpt, nb, report, device,
+                               report_equalize)
+
+
+def _realign_layers(src: Activations, store: Store, plan, probes: ProbeSet, probed: frozenset[int],  # noqa: ANN001, PLR0913
+                    settings: RealignSettings, importance: dict[str, np.ndarray], ckpt: Checkpoints, nb: int,
+                    report: Report | None, device: str,
+                    report_equalize: Callable[[int, list], None] | None) -> PackedLayers:
     planned = {t.source.name: t.qtype.name for t in plan.tensors}
-    n_heads = int(model.config.num_attention_heads)
-    n_kv = int(getattr(model.config, "num_key_value_heads", None) or n_heads)
-    xq = cache.q0
-    out: dict[str, np.ndarray] = {}
-    for i, layer in enumerate(layers):
+    n_heads = int(src.config.num_attention_heads)
+    n_kv = int(getattr(src.config, "num_key_value_heads", None) or n_heads)
+    xq: Sequence[torch.Tensor] = src.q0
+    where: dict[str, int] = {}  # realigned tensor -> its layer's checkpoint
+    for i in range(src.n_layers):
+        layer = src.layer(i)
+        yb = src.fp_outputs(i, layer)  # with the fine-tuned weights, before equalization or a checkpoint's norms
         layer.to(device)
         targets = _targets(plan, i, importance)
-        kw = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in d.items()} for d in cache.kwargs[i]]
+        kw = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in d.items()} for d in src.kwargs(i)]
         if ckpt.done(i):
             packed, stats_d = ckpt.load(i)
             _load_extras(layer, i, packed)
@@ -206,7 +247,7 @@ def realign_model(finetuned: str | Path, plan, probes: ProbeSet, settings: Reali
             resumed = True
         else:
             extras: dict[str, np.ndarray] = {}
-            xb = [x.to(device) for x in xq[:nb]]
+            xb = on_device(xq[:nb], device)
             if settings.equalize:
                 targets, extras, eq_reports = _equalize(layer, i, targets, xb, kw[:nb], n_heads, n_kv)
                 if report_equalize:
@@ -216,21 +257,29 @@ def realign_model(finetuned: str | Path, plan, probes: ProbeSet, settings: Reali
             ceiling = (settings.benign_ceiling if settings.benign_ceiling is not None
                        else -settings.margin if settings.margin is not None else float(probes.target_benign[i]))
             packed, hard, stats = realign_layer(
-                layer, targets,
-                (xb, [y.to(device) for y in cache.fp[i + 1][:nb]], kw[:nb]),
-                ([x.to(device) for x in xq[nb:]], kw[nb:]), score, margin, ceiling, settings, i)
+                layer, targets, (xb, on_device(yb[:nb], device), kw[:nb]),
+                (on_device(xq[nb:], device), kw[nb:]), score, margin, ceiling, settings, i)
             for name in extras:  # an internal invariant: norms and biases are written as F32
                 if planned.get(name) != "F32":
                     raise AssertionError(f"{name}: equalization rescaled it but the plan writes it as {planned.get(name)}")
             packed.update(extras)
             ckpt.save(i, packed, stats)
             resumed = False
-        out.update(packed)
-        xq = [x.cpu() for x in propagate(layer, hard, [x.to(device) for x in xq], kw)]
+        where.update(dict.fromkeys(packed, i))
+        del packed
+        nxt = store.stream(f"xq{i + 1}")
+        for k in range(0, len(xq), PROPAGATE_CHUNK):  # the chunks propagate() makes of the whole list
+            part = on_device(xq[k : k + PROPAGATE_CHUNK], device)
+            for y in propagate(layer, hard, part, kw[k : k + PROPAGATE_CHUNK], size=PROPAGATE_CHUNK):
+                nxt.append(y.cpu())
+        if isinstance(xq, Stream):
+            xq.drop()
+        xq = nxt
         layer.to("cpu")
+        src.release(i)
         if report:
-            report(i, len(layers), stats, resumed)
-    return out
+            report(i, src.n_layers, stats, resumed)
+    return PackedLayers(ckpt, where)
 
 
 # -- the two calls of api.convert_model: check everything first, then do the long work ---------------------------
@@ -260,6 +309,7 @@ def prepare_realign(opts: RealignOptions, finetuned: Path, plan, device: str) ->
     if not 0 < opts.lr <= 0.5:
         raise InputError(f"--realign-lr {opts.lr} is out of range: give a step in code units in (0, 0.5], e.g. 5e-3")
     resolve_device(device, "torch")
+    opts.check_offload_dir()
     if opts.probe_kind not in ("content", "contrast"):
         raise InputError(f"--probe-kind {opts.probe_kind!r}: use content or contrast")
     if opts.probe_kind == "contrast" and opts.aligned is None:
@@ -285,7 +335,7 @@ def prepare_realign(opts: RealignOptions, finetuned: Path, plan, device: str) ->
 
 def run_realign(opts: RealignOptions, finetuned: Path, plan, probes: ProbeSet | None, *,  # noqa: ANN001
                 importance: dict[str, np.ndarray] | None, threads: int, device: str,
-                log: Log | None = None) -> tuple[dict[str, np.ndarray], dict[str, object]]:
+                log: Log | None = None) -> tuple[Mapping[str, np.ndarray], dict[str, object]]:
     """The long work: probes (fit on opts.aligned when not given), then every layer. Returns the packed GGUF bytes
     per tensor and the qrealign.* provenance of the run."""
     from .probes import probe_model
@@ -295,7 +345,8 @@ def run_realign(opts: RealignOptions, finetuned: Path, plan, probes: ProbeSet | 
         torch.set_num_threads(threads)
     if probes is None:
         probes = probe_model(opts.aligned, opts.harmful, opts.benign, console=as_console(log),
-                             contrast=finetuned if opts.probe_kind == "contrast" else None)
+                             contrast=finetuned if opts.probe_kind == "contrast" else None,
+                             offload_dir=opts.offload_dir)
         say(f"probes: {len(probes.reliable)}/{probes.n_layers} layers reliable "
             f"(held-out accuracy {probes.heldout_acc.min():.2f}..{probes.heldout_acc.max():.2f})")
 
@@ -313,7 +364,8 @@ def run_realign(opts: RealignOptions, finetuned: Path, plan, probes: ProbeSet | 
 
     packed = realign_model(finetuned, plan, probes, settings_of(opts), opts.harmful, opts.benign,
                            importance=importance, checkpoint_dir=opts.checkpoints, report=report,
-                           device=resolve_device(device, "torch"), report_equalize=report_eq)
+                           device=resolve_device(device, "torch"), report_equalize=report_eq,
+                           offload_dir=opts.offload_dir)
     provenance = {"realigned": True, "realign_iters": opts.iters, "realign_lr": opts.lr,
                   "realign_harm_weight": opts.harm_weight,
                   "realign_margin": "aligned" if opts.margin is None else opts.margin,
