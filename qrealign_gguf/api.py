@@ -83,7 +83,8 @@ def convert_model(job: ConvertJob, *, log: Log | None = None, progress: Progress
         from .calib import compute_importance
         with written_whole(save_imatrix, job.force) as imatrix_tmp:
             importance = compute_importance(plan.family, job.calib, job.calib_samples, imatrix_tmp,
-                                            console=as_console(log))
+                                            console=as_console(log),
+                                            offload_dir=job.realign.offload_dir if job.realign else None)
         provenance["imatrix"] = f"computed from {Path(job.calib).name} ({job.calib_samples} prompts)"
     packed = None
     if job.realign is not None:
@@ -102,19 +103,23 @@ def convert_model(job: ConvertJob, *, log: Log | None = None, progress: Progress
 def probe_model(model: str | Path, output: str | Path | None = None, *, harmful: str | Path = "builtin:harmful",
                 benign: str | Path = "builtin:benign", samples: int = 256, min_acc: float = 0.9,
                 contrast: str | Path | None = None, plot: str | Path | None = None, force: bool = False,
-                log: Log | None = None) -> ProbeSet:
+                log: Log | None = None, offload_dir: str | Path | None = None) -> ProbeSet:
     """Fit per-layer safety probes on the ALIGNED model (`qrealign-gguf probe`); saved to `output` when given,
-    their accuracy per layer plotted to `plot` (PNG) when given."""
+    their accuracy per layer plotted to `plot` (PNG) when given. The model runs one decoder layer at a time;
+    `offload_dir` keeps that layer's activations in files there instead of memory."""
+    from .realign.options import check_offload_dir
     from .realign.probes import probe_model as fit
 
     check_numbers(**{"--samples": (samples, ">0"), "--min-acc": (min_acc, "0..1")})
+    check_offload_dir(offload_dir)
     out = Path(output) if output is not None else None
     png = Path(plot) if plot is not None else None
     if out is not None:
         check_side_output(out, "-o", force)
     if png is not None:
         check_side_output(png, "--plot", force, clash=out)
-    ps = fit(model, harmful, benign, samples, min_acc, console=as_console(log), contrast=contrast)
+    ps = fit(model, harmful, benign, samples, min_acc, console=as_console(log), contrast=contrast,
+             offload_dir=offload_dir)
     with written_whole(out, force) as tmp:
         if tmp is not None:
             ps.save(tmp)

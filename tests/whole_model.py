@@ -112,10 +112,14 @@ class WholeModelSource:
 
 
 @torch.inference_mode()
-def whole_model_importance(family, calib: str | Path, n_samples: int = 128,  # noqa: ANN001
-                           max_tokens: int = 512) -> dict[str, np.ndarray]:
-    """calib.compute_importance as it was: the whole model, hooks on every nn.Linear named in the plan."""
+def whole_model_importance(family, calib: str | Path, n_samples: int = 128,  # noqa: ANN001 - ModelFamily
+                           save_path: str | Path | None = None, console=None,  # noqa: ANN001
+                           max_tokens: int = 512, offload_dir: str | Path | None = None) -> dict[str, np.ndarray]:
+    """calib.compute_importance as it was (same signature, so tests can put it in its place): the whole model,
+    hooks on every nn.Linear named in the plan, one forward per prompt."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qrealign_gguf.imatrix import save_imatrix
 
     prompts = load_prompts(calib, limit=n_samples)
     path = family.model.path
@@ -137,8 +141,26 @@ def whole_model_importance(family, calib: str | Path, n_samples: int = 128,  # n
                 counts[gname] = counts.get(gname, 0) + x.shape[0]
 
             hooks.append(module.register_forward_pre_hook(hook))
+    n_tokens = 0
     for p in prompts:
-        model(torch.tensor([chat_ids(tok, p.text, max_tokens)]))
+        ids = chat_ids(tok, p.text, max_tokens)
+        model(torch.tensor([ids]))
+        n_tokens += len(ids)
     for h in hooks:
         h.remove()
-    return {name: (s / counts[name]).numpy().astype(np.float32) for name, s in sums.items()}
+    imatrix = {name: (s / counts[name]).numpy().astype(np.float32) for name, s in sums.items()}
+    if save_path is not None:
+        save_imatrix(save_path, imatrix, n_tokens, [str(calib)])
+    return imatrix
+
+
+def whole_model_last_token_states(model_dir, tok, prompts, max_tokens: int = 256, progress=None,  # noqa: ANN001
+                                  batch: int = 8, offload_dir=None, family=None) -> torch.Tensor:  # noqa: ANN001
+    """hidden.layerwise_last_token_states as it was before layer-wise onloading (same signature): the model loaded
+    whole in float32, hidden.last_token_states over it."""
+    from transformers import AutoModelForCausalLM
+
+    from qrealign_gguf.realign.hidden import last_token_states
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return last_token_states(model, tok, prompts, max_tokens, batch=batch)

@@ -38,20 +38,34 @@ class RealignOptions:
                          "--benign-ceiling": (self.benign_ceiling, "finite")})
 
     def check_offload_dir(self) -> None:
-        """--offload-dir exists or can be created, and takes a file: one clear error now, not hours later."""
-        if self.offload_dir is None:
-            return
-        import tempfile
+        check_offload_dir(self.offload_dir)
 
-        from ..errors import InputError
 
-        d = Path(self.offload_dir)
-        if d.exists() and not d.is_dir():
-            raise InputError(f"--offload-dir {d} is a file; give a directory for the activation files")
+def check_offload_dir(offload_dir: str | Path | None) -> None:
+    """--offload-dir is (or can become) a directory we may write into: one clear error now, not after hours of
+    work. Nothing is created here (every check runs before the first byte of output): the directory that exists,
+    or else its nearest existing parent, must take a temporary file."""
+    if offload_dir is None:
+        return
+    import os
+    import tempfile
+
+    from ..errors import InputError
+
+    d = Path(offload_dir)
+    probe = d
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    why = None
+    if not probe.is_dir():
+        why = "a file is in the way" if probe == d else f"{probe} is a file"
+    elif not os.access(probe, os.W_OK | os.X_OK):
+        why = "permission denied"
+    else:
         try:
-            d.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=d):
+            with tempfile.TemporaryFile(dir=probe):
                 pass
         except OSError as e:
-            raise InputError(f"--offload-dir {d} is not a writable directory ({e.strerror or e}); give another "
-                             "one") from None
+            why = e.strerror or str(e)
+    if why is not None:
+        raise InputError(f"--offload-dir {d} is not a writable directory ({why}); give another one")
