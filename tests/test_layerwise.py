@@ -87,6 +87,7 @@ def _same_probes(a: Path, b: Path) -> None:
 
 def _convert(case, probes: Path, out: Path, offload: Path | None) -> None:  # noqa: ANN001
     ft, _, outtype, _ = case
+    out.mkdir()
     args = ["convert", ft, "-o", out / "o.gguf", "--outtype", outtype, "--probes", probes,
             "--realign-samples", "6", "--realign-iters", "3", "--equalize",
             "--calib", "builtin:benign", "--calib-samples", "5", "--save-imatrix", out / "imatrix.gguf"]
