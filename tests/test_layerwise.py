@@ -150,16 +150,26 @@ def _layer_f32_bytes() -> int:
     return 4 * (attn + 3 * HIDDEN * INTER)
 
 
+# The child reports its own high-water mark (VmHWM, per address space, fresh at exec). Not the rusage of the child:
+# Linux carries the forking parent's RSS into it (the parent here holds the model it just built).
+_HWM = """import atexit, os, runpy, sys
+def hwm():
+    with open("/proc/self/status") as f, open(os.environ["QREALIGN_TEST_HWM"], "w") as out:
+        out.write(next(ln.split()[1] for ln in f if ln.startswith("VmHWM:")))
+atexit.register(hwm)
+sys.argv = ["qrealign-gguf", *sys.argv[1:]]
+runpy.run_module("qrealign_gguf", run_name="__main__", alter_sys=True)
+"""
+
+
 def _peak_rss_mb(args: list[str | Path], log: Path) -> float:
-    """Peak RSS of `python -m qrealign_gguf ARGS` in a child of its own (os.wait4: that child's high-water mark,
-    not this test process's)."""
+    """Peak RSS of `python -m qrealign_gguf ARGS` in a child process, in MiB."""
+    hwm = log.with_suffix(".hwm")
     with log.open("w") as fh:
-        p = subprocess.Popen([sys.executable, "-m", "qrealign_gguf", *map(str, args)], stdout=fh, stderr=fh,
-                             env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"})
-        _, status, usage = os.wait4(p.pid, 0)
-        p.returncode = os.waitstatus_to_exitcode(status)
+        p = subprocess.run([sys.executable, "-c", _HWM, *map(str, args)], stdout=fh, stderr=fh, check=False,
+                           env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "QREALIGN_TEST_HWM": str(hwm)})
     assert p.returncode == 0, log.read_text()[-3000:]
-    return usage.ru_maxrss / 1024  # Linux: KiB
+    return int(hwm.read_text()) / 1024  # kB
 
 
 def test_peak_memory_does_not_grow_with_depth(tmp_path):
