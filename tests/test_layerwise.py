@@ -125,6 +125,30 @@ def test_probe_files_match_the_whole_model_path(case, kind, tmp_path, monkeypatc
     _same_probes(tmp_path / "layerwise.safetensors", tmp_path / "whole.safetensors")
 
 
+def test_quantized_embedding_rows_are_the_whole_matrix_rows(tmp_path):
+    """Layer 0's quantized-prefix input needs the token embedding as the file stores it, but only the rows of the
+    prompts' tokens: every block type encodes a row on its own (the imatrix is per column), so encoding those rows
+    gives exactly those rows of the whole matrix's encoding (what the whole-model path encoded)."""
+    from dataclasses import replace
+
+    from qrealign_gguf.formats.types import QTYPES
+    from qrealign_gguf.plan import make_plan
+    from qrealign_gguf.realign.pipeline import _quantized_embedding
+
+    d = make_tiny_llama(tmp_path / "m", hidden=256, inter=256, layers=1, heads=4, kv_heads=2)
+    plan = make_plan(d, tmp_path / "o.gguf", "Q4_K_M")
+    emb = next(t for t in plan.tensors if t.source.name == "token_embd.weight")
+    n = emb.source.shape[0]
+    rows = np.array([0, 1, 2, 40, 41, 500, 30000, n - 1])
+    imatrix = {"token_embd.weight": np.random.default_rng(0).random(256).astype(np.float32) + 0.1}
+    for q in ("F16", "BF16", "Q8_0", "Q4_0", "IQ4_NL", "Q4_K", "Q6_K", "QR5_K128"):
+        one = replace(plan, tensors=[replace(emb, qtype=QTYPES[q])])
+        for importance in ({}, imatrix) if q not in ("F16", "BF16") else ({},):
+            sub = _quantized_embedding(one, importance, rows)
+            whole = _quantized_embedding(one, importance, np.arange(n))
+            assert sub is not None and torch.equal(sub, whole[torch.from_numpy(rows)]), (q, bool(importance))
+
+
 def test_embedding_rows_read_in_spans():
     """The quantized embedding of the used tokens is read in merged spans and gathered in row order."""
     rows = np.array([0, 3, 30, 31, 200])
