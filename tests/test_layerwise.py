@@ -199,7 +199,7 @@ def _peak_rss_mb(args: list[str | Path], log: Path) -> float:
 def test_peak_memory_does_not_grow_with_depth(tmp_path):
     """`probe` and a realigning `convert --calib` of 2- and 16-layer models (hidden 512, bf16 checkpoints): the
     16-layer runs peak within half of the 14 extra layers' float32 weights of the 2-layer runs. The whole-model
-    path held every layer in float32 (+169 MiB here for the probe states alone); the layer-wise path holds one.
+    path held every layer in float32 (`probe` measured +214 MiB from 2 to 16 layers); the layer-wise path holds one.
     A generous bound on purpose: allocator noise, not a timing."""
     peaks: dict[int, dict[str, float]] = {}
     for n in (2, 16):
