@@ -4,7 +4,8 @@
 
 and the tiny realignment problem they share with the in-process single-rank reference. Every rank builds the same
 problem from fixed seeds and keeps its shard of the prompts (dist.shard), as the data-parallel pipeline does.
-Scenarios write their results to OUTDIR/rank<r>.* (test code: every rank writes, so the test can compare them).
+Scenarios write their results to OUTDIR/<scenario>.rank<r>.* (test code: every rank writes, so the test can compare them).
+  all          collectives, grad, equalize and realign in one process per rank (one torchrun start, not four)
   collectives  every dist.py helper on known values
   realign      realign_layer on the tiny layer
   grad         one minibatch's loss and summed gradients (calibrate.minibatch_loss), unevenly split over the ranks
@@ -111,7 +112,7 @@ def step_grads(world: dist.World | None) -> tuple[float, dict[str, np.ndarray]]:
     if torch.is_tensor(loss):
         loss.backward()
     _sum_grads(w, groups)
-    value = dist.sum_floats(w, [float(loss)])[0]
+    value = dist.sum_floats(w, [loss.item() if torch.is_tensor(loss) else loss])[0]
     grads = {f"{m}.{k}": p.grad.numpy().copy() for m, lr in learn.items() for k, p in enumerate(lr.parameters())
              if p.grad is not None}
     return value, grads
@@ -119,9 +120,9 @@ def step_grads(world: dist.World | None) -> tuple[float, dict[str, np.ndarray]]:
 
 def save_realign(out: Path, rank: int, result) -> None:  # noqa: ANN001
     packed, _, stats = result
-    np.savez(out / f"rank{rank}.npz", **packed)
+    np.savez(out / f"realign.rank{rank}.npz", **packed)
     d = {k: v for k, v in vars(stats).items() if k != "seconds"}
-    (out / f"rank{rank}.json").write_text(json.dumps(d))
+    (out / f"realign.rank{rank}.json").write_text(json.dumps(d))
 
 
 def equalize_scales(world: dist.World | None):  # noqa: ANN201
@@ -181,6 +182,8 @@ def _die_at(rank: int, call: int, action: str):  # noqa: ANN201
 
 
 def main(argv: list[str]) -> None:
+    import click
+
     from qrealign_gguf.cli.common import run_guarded
 
     torch.set_num_threads(1)
@@ -189,23 +192,27 @@ def main(argv: list[str]) -> None:
 
     def work() -> None:
         with dist.session("cpu", timeout) as world:
-            if scenario == "collectives":
-                (out / f"rank{world.rank}.json").write_text(json.dumps(_collectives(world)))
-            elif scenario == "realign":
-                save_realign(out, world.rank, realign(world))
-            elif scenario == "grad":
+            r = world.rank
+            if scenario in ("collectives", "all"):
+                (out / f"collectives.rank{r}.json").write_text(json.dumps(_collectives(world)))
+            if scenario in ("grad", "all"):
                 value, grads = step_grads(world)
-                np.savez(out / f"rank{world.rank}.npz", loss=np.float64(value), **grads)
-            elif scenario == "equalize":
-                scales, reports = equalize_scales(world)
-                np.savez(out / f"rank{world.rank}.npz", **vars(scales))
-            elif scenario in ("die", "hang"):
+                np.savez(out / f"grad.rank{r}.npz", loss=np.float64(value), **grads)
+            if scenario in ("equalize", "all"):
+                scales, _ = equalize_scales(world)
+                np.savez(out / f"equalize.rank{r}.npz", **vars(scales))
+            if scenario in ("realign", "all"):
+                save_realign(out, r, realign(world))
+            if scenario in ("die", "hang"):
                 realign(world, hook=_die_at(1, 6, scenario))
                 (out / f"rank{world.rank}.done").write_text("finished?")  # must never happen
-            else:
+            if scenario not in ("all", "collectives", "grad", "equalize", "realign", "die", "hang"):
                 raise SystemExit(f"unknown scenario {scenario}")
 
-    run_guarded(work)
+    try:
+        run_guarded(work)
+    except click.exceptions.Exit as e:  # what typer does for the real CLI: the code run_guarded chose
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

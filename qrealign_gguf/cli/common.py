@@ -112,8 +112,11 @@ def _report(e: BaseException, launched: tuple[int, int] | None) -> NoReturn:
         fail(str(e))
     if isinstance(e, _Terminated) and launched is not None:
         if launched[0] == 0:
-            fail("stopped by torchrun: another rank failed (its line above says why) or the job was stopped; no output "
-                 "file was written, and a realignment continues from its checkpoints when rerun")
+            # torchrun stops the survivors as soon as one worker fails; a SIGKILLed worker prints nothing itself,
+            # so point at torchrun's failure summary, which names it and its signal
+            fail("stopped by torchrun: another rank failed (its own line, or torchrun's summary below, says which and "
+                 "why) or the job was stopped; no output file was written, and a realignment continues from its "
+                 "checkpoints when rerun")
         raise typer.Exit(2)
     if isinstance(e, KeyboardInterrupt):
         fail("interrupted; no output file was written", 130)
