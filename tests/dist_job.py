@@ -182,7 +182,7 @@ def _die_at(rank: int, call: int, action: str):  # noqa: ANN201
 
 
 def main(argv: list[str]) -> None:
-    import click
+    import typer
 
     from qrealign_gguf.cli.common import run_guarded
 
@@ -211,7 +211,7 @@ def main(argv: list[str]) -> None:
 
     try:
         run_guarded(work)
-    except click.exceptions.Exit as e:  # what typer does for the real CLI: the code run_guarded chose
+    except typer.Exit as e:  # what typer does for the real CLI: the code run_guarded chose
         sys.exit(e.exit_code)
 
 

@@ -102,7 +102,10 @@ def run_guarded(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         try:
             _report(e, launched)
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            # a torchrun worker stays deaf to it until it has exited: torchrun sends SIGTERM to every worker as soon
+            # as one fails, and a default handler restored here would turn this rank's exit 2 into "killed by SIGTERM"
+            if launched is None:
+                signal.signal(signal.SIGTERM, previous)
 
 
 def _report(e: BaseException, launched: tuple[int, int] | None) -> NoReturn:
