@@ -105,26 +105,28 @@ def _convert(job: ConvertJob, log: Log | None, progress: Progress | None, plan: 
                 raise InputError("--save-imatrix writes the importance computed from --calib; give --calib too")
             if world.is_main:
                 check_side_output(save_imatrix, "--save-imatrix", job.force, clash=plan.output)
+        if job.calib is not None and world.size > 1:  # every rank adds its prompts' sums: none may be without
+            from .prompts import load_prompts
+            n = len(load_prompts(job.calib, limit=job.calib_samples))
+            if n < world.size:
+                raise InputError(f"--calib {job.calib}: {n} prompts for {world.size} ranks; give every rank at least one")
         if job.realign is None:
             return None
-        if world.size > 1 and not _pipeline_takes_world():
-            raise InputError("convert --aligned/--probes under torchrun needs the data-parallel realignment "
-                             "pipeline, which this version lacks; run it as a single process")
-        return prepare_realign(job.realign, model, plan, job.device)
+        return prepare_realign(job.realign, model, plan, job.device, ranks=world.size)
 
     probes = dist.agree(world, validate)  # one rank's bad input stops every rank, with one line
     provenance: dict[str, Any] = {}
     importance = None
+    shared = {"world": world} if world.size > 1 else {}  # a single process calls the plain functions
     if job.calib is not None:
         from .calib import compute_importance
         with written_whole(save_imatrix if world.is_main else None, job.force) as imatrix_tmp:
             importance = compute_importance(plan.family, job.calib, job.calib_samples, imatrix_tmp,
                                             console=as_console(log),
-                                            offload_dir=job.realign.offload_dir if job.realign else None)
+                                            offload_dir=job.realign.offload_dir if job.realign else None, **shared)
         provenance["imatrix"] = f"computed from {Path(job.calib).name} ({job.calib_samples} prompts)"
     packed = None
     if job.realign is not None:
-        shared = {"world": world} if world.size > 1 else {}  # a single process calls the plain pipeline
         packed, realigned = run_realign(job.realign, model, plan, probes, importance=importance, threads=job.threads,
                                         device=job.device, log=log, **shared)
         provenance.update(realigned)
@@ -152,15 +154,6 @@ def job_fields(job: ConvertJob, plan: Plan) -> dict[str, str]:
     out["planned tensors"] = "sha256:" + hashlib.sha256(text(tensors).encode()).hexdigest()[:16]
     out["qrealign-gguf version"] = text(__version__)
     return out
-
-
-def _pipeline_takes_world() -> bool:
-    """Whether realign/pipeline.run_realign shares the prompts out (its `world` argument); until then a torchrun
-    realignment is refused instead of having every rank redo it all and write the same checkpoints."""
-    import inspect
-
-    from .realign.pipeline import run_realign
-    return "world" in inspect.signature(run_realign).parameters
 
 
 def probe_model(model: str | Path, output: str | Path | None = None, *, harmful: str | Path = "builtin:harmful",

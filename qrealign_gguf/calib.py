@@ -14,7 +14,9 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from . import dist
 from .chat import chat_ids
+from .errors import InputError
 from .imatrix import save_imatrix
 from .models.base import ModelFamily
 from .prompts import load_prompts
@@ -89,16 +91,32 @@ def importance_sums(family: ModelFamily, ids: list[list[int]], console: Console 
     return sums, counts
 
 
+@torch.inference_mode()  # importance_sums' tensors are inference tensors: summed in place below
 def compute_importance(family: ModelFamily, calib: str | Path, n_samples: int = 128,
                        save_path: str | Path | None = None, console: Console | None = None,
-                       max_tokens: int = 512, offload_dir: str | Path | None = None) -> dict[str, np.ndarray]:
+                       max_tokens: int = 512, offload_dir: str | Path | None = None,
+                       world: dist.World | None = None) -> dict[str, np.ndarray]:
+    """The mean squared input of every matrix over the first n_samples prompts of `calib`. world (dist.py): each
+    rank runs its shard of the prompts and the sums and token counts are added over the ranks before the mean, so
+    every rank gets the importance of all prompts (float32 sums: one process's values up to summation order)."""
     from transformers import AutoTokenizer
 
+    world = world or dist.single()
     prompts = load_prompts(calib, limit=n_samples)
+    if len(prompts) < world.size:  # a rank without prompts would hold no sums to add
+        raise InputError(f"--calib {calib}: {len(prompts)} prompts for {world.size} ranks; give every rank at least one")
     tok = AutoTokenizer.from_pretrained(family.model.path)
-    ids = [chat_ids(tok, p.text, max_tokens) for p in prompts]
+    ids = [chat_ids(tok, p.text, max_tokens) for p in dist.shard(world, prompts)]
     sums, counts = importance_sums(family, ids, console, offload_dir)
+    n_tokens = sum(len(x) for x in ids)
+    if world.size > 1:  # sorted: every rank adds the same tensors in the same order
+        names = sorted(sums)
+        for name in names:
+            dist.all_reduce_sum_(world, sums[name], "summing the importance matrix")
+        total = dist.sum_floats(world, [counts[n] for n in names] + [n_tokens], "summing the importance matrix")
+        counts = {n: int(c) for n, c in zip(names, total)}
+        n_tokens = int(total[-1])
     imatrix = {name: (s / counts[name]).numpy().astype(np.float32) for name, s in sums.items()}
     if save_path is not None:
-        save_imatrix(save_path, imatrix, sum(len(x) for x in ids), [str(calib)])
+        save_imatrix(save_path, imatrix, n_tokens, [str(calib)])
     return imatrix

@@ -43,7 +43,7 @@ OS_HINTS = {
 
 def log(msg: str) -> None:
     """The library's progress lines (api.*(log=...)), on stderr so stdout keeps the results."""
-    err.print(msg, highlight=False, soft_wrap=True)
+    err.print(msg, highlight=False, soft_wrap=True, markup=False)  # plain text: "[checkpoint]" is not a style tag
 
 
 def fail(msg: str, code: int = 2) -> NoReturn:

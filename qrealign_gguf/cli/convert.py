@@ -9,6 +9,7 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ..dist import DEFAULT_TIMEOUT_S
 from ..realign.options import RealignOptions as R
 from .common import err, log, out, parse_size, run_guarded
 
@@ -55,6 +56,7 @@ def convert(
     checkpoints: Optional[Path] = typer.Option(None, "--checkpoints", help="REALIGN: per-layer checkpoint dir (default <output>.realign-ckpt)"),
     offload_dir: Optional[Path] = typer.Option(None, "--offload-dir", help="REALIGN: keep the per-layer activations (and those of the probe fit) in files under this directory instead of memory, for large prompt sets; removed when done"),
     equalize: bool = typer.Option(R.equalize, "--equalize", help="REALIGN: first fold exact per-channel scalings (norm->q/k/v, v->o, norm->gate/up, up->down; llama/qwen2) chosen on the benign prompts"),
+    dist_timeout: float = typer.Option(DEFAULT_TIMEOUT_S, "--dist-timeout", help="under torchrun: seconds a rank waits for the others in one exchange before the whole job stops with one line (resumable from checkpoints)"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda: block encoders (and realignment's torch work); auto = CUDA when a GPU and the CUDA codec are available"),
 ) -> None:
     """Convert a Hugging Face model to GGUF; with --aligned or --probes, realign safety while quantizing."""
@@ -71,7 +73,7 @@ def convert(
                          calib_samples=calib_samples, save_imatrix=save_imatrix, pure=pure,
                          split_max_size=parse_size(split_max_size),
                          metadata=load_metadata_overrides(metadata) if metadata else {}, threads=threads,
-                         force=force, device=device,
+                         force=force, device=device, dist_timeout=dist_timeout,
                          realign=realign if aligned is not None or probes is not None else None)
         plan = plan_conversion(job)  # numbers before the model headers: a typo must not cost a model load
         if plan.custom_types:

@@ -3,6 +3,7 @@ layer's linear weights, layer by layer with checkpoints. convert() writes them (
 prepare_realign before and run_realign after the cheap checks."""
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, replace
@@ -12,7 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from .. import __version__
+from .. import __version__, dist
 from ..chat import chat_ids
 from ..convert import load_checked
 from ..device import resolve_device
@@ -107,9 +108,10 @@ _EQ_EXTRAS = {"input_layernorm.weight": "attn_norm.weight", "post_attention_laye
 
 
 def _equalize(layer: torch.nn.Module, i: int, targets: list[Target], xs: list[torch.Tensor], kws: list[dict],
-              n_heads: int, n_kv: int) -> tuple[list[Target], dict[str, np.ndarray], list[equalize.GroupReport]]:
+              n_heads: int, n_kv: int, world: dist.World) -> tuple[list[Target], dict[str, np.ndarray], list[equalize.GroupReport]]:
     """Fold the exact scalings into `layer` (in place), chosen on the benign prompts' inputs xs. Returns the
-    targets with their imatrix moved along, and the rescaled F32 tensors (norms, v/up biases) as GGUF bytes."""
+    targets with their imatrix moved along, and the rescaled F32 tensors (norms, v/up biases) as GGUF bytes.
+    world: xs are this rank's shard; the statistics are summed over the ranks, so every rank folds the same scales."""
     why = equalize.supported(layer)
     if why is not None:
         raise InputError(f"--equalize: decoder layer {i} has {why}; convert without --equalize")
@@ -119,7 +121,7 @@ def _equalize(layer: torch.nn.Module, i: int, targets: list[Target], xs: list[to
             layer(x, **kw)
 
     enc = {t.module: (t.qtype, t.importance) for t in targets}
-    scales, reports = equalize.choose(layer, run, enc, n_heads, n_kv)
+    scales, reports = equalize.choose(layer, run, enc, n_heads, n_kv, world)
     equalize.fold(layer, scales, n_heads, n_kv)
     moved = []
     for t in targets:
@@ -190,13 +192,18 @@ def realign_model(finetuned: str | Path, plan, probes: ProbeSet, settings: Reali
                   importance: dict[str, np.ndarray] | None = None, checkpoint_dir: str | Path | None = None,
                   report: Report | None = None, device: str = "cpu",
                   report_equalize: Callable[[int, list], None] | None = None, offload_dir: str | Path | None = None,
-                  source: SourceFactory | None = None) -> Mapping[str, np.ndarray]:
+                  source: SourceFactory | None = None, world: dist.World | None = None) -> Mapping[str, np.ndarray]:
     """Every decoder layer realigned in turn; only the current layer's weights and activation streams are held
     (offload_dir: the streams live in files there). source: where layers and activations come from (default:
     read layer by layer; the tests pass the whole-model oracle). Returns the packed GGUF bytes per tensor, read
-    from the per-layer checkpoints on access (so they must stay until the file is written)."""
+    from the per-layer checkpoints on access (so they must stay until the file is written).
+    world (dist.py): each rank captures, equalizes, calibrates and propagates its shard of the prompts
+    (equalize.choose and realign_layer sum what they need) and ends every layer with the same blocks; rank 0 alone
+    reads and writes the checkpoints (a resumed layer is sent to the others) and returns the packed bytes, the
+    other ranks an empty mapping (the file is rank 0's to write)."""
     from transformers import AutoTokenizer
 
+    world = world or dist.single()
     importance = importance or {}
     check_compatible(probes.meta, model_signature(finetuned), "the probes' model", str(finetuned))
     harm = load_prompts(harmful, limit=settings.n_harmful, expect_label=1)
@@ -209,24 +216,24 @@ def realign_model(finetuned: str | Path, plan, probes: ProbeSet, settings: Reali
                       "harmful": [p.text for p in harm], "benign": [p.text for p in ben],
                       "settings": asdict(settings), "types": {t.source.name: t.qtype.name for t in plan.tensors},
                       "importance": sorted(importance)})
-    ckpt = Checkpoints(checkpoint_dir or default_checkpoint_dir(plan), fp)
+    ckpt = Checkpoints(checkpoint_dir or default_checkpoint_dir(plan), fp) if world.is_main else None
 
     tok = AutoTokenizer.from_pretrained(finetuned)
-    ids_b = [chat_ids(tok, p.text, settings.max_tokens) for p in ben]
-    ids_h = [chat_ids(tok, p.text, settings.max_tokens) for p in harm]
+    ids_b = [chat_ids(tok, p.text, settings.max_tokens) for p in dist.shard(world, ben)]
+    ids_h = [chat_ids(tok, p.text, settings.max_tokens) for p in dist.shard(world, harm)]
     nb = len(ids_b)
     rows = token_rows(ids_b + ids_h)
     with Store(offload_dir) as store:
         src = (source or LayerwiseSource)(Path(finetuned), plan.family, ids_b + ids_h, nb, rows,
                                           _quantized_embedding(plan, importance, rows, device), store)
         return _realign_layers(src, store, plan, probes, probed, settings, importance, ckpt, nb, report, device,
-                               report_equalize)
+                               report_equalize, world)
 
 
 def _realign_layers(src: Activations, store: Store, plan, probes: ProbeSet, probed: frozenset[int],  # noqa: ANN001, PLR0913
-                    settings: RealignSettings, importance: dict[str, np.ndarray], ckpt: Checkpoints, nb: int,
-                    report: Report | None, device: str,
-                    report_equalize: Callable[[int, list], None] | None) -> PackedLayers:
+                    settings: RealignSettings, importance: dict[str, np.ndarray], ckpt: Checkpoints | None, nb: int,
+                    report: Report | None, device: str, report_equalize: Callable[[int, list], None] | None,
+                    world: dist.World) -> Mapping[str, np.ndarray]:
     planned = {t.source.name: t.qtype.name for t in plan.tensors}
     n_heads = int(src.config.num_attention_heads)
     n_kv = int(getattr(src.config, "num_key_value_heads", None) or n_heads)
@@ -238,8 +245,8 @@ def _realign_layers(src: Activations, store: Store, plan, probes: ProbeSet, prob
         layer.to(device)
         targets = _targets(plan, i, importance)
         kw = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in d.items()} for d in src.kwargs(i)]
-        if ckpt.done(i):
-            packed, stats_d = ckpt.load(i)
+        if _resumable(world, ckpt, i):
+            packed, stats_d = _load_layer(world, ckpt, i)
             _load_extras(layer, i, packed)
             cols = {t.module: layer.get_submodule(t.module).weight.shape[1] for t in targets}
             hard = {k: v.to(device) for k, v in _hard_from_packed(targets, packed, cols).items()}
@@ -249,7 +256,7 @@ def _realign_layers(src: Activations, store: Store, plan, probes: ProbeSet, prob
             extras: dict[str, np.ndarray] = {}
             xb = on_device(xq[:nb], device)
             if settings.equalize:
-                targets, extras, eq_reports = _equalize(layer, i, targets, xb, kw[:nb], n_heads, n_kv)
+                targets, extras, eq_reports = _equalize(layer, i, targets, xb, kw[:nb], n_heads, n_kv, world)
                 if report_equalize:
                     report_equalize(i, eq_reports)
             score = (lambda h, i=i: probes.score(i, h)) if i in probed else None
@@ -258,12 +265,14 @@ def _realign_layers(src: Activations, store: Store, plan, probes: ProbeSet, prob
                        else -settings.margin if settings.margin is not None else float(probes.target_benign[i]))
             packed, hard, stats = realign_layer(
                 layer, targets, (xb, on_device(yb[:nb], device), kw[:nb]),
-                (on_device(xq[nb:], device), kw[nb:]), score, margin, ceiling, settings, i)
+                (on_device(xq[nb:], device), kw[nb:]), score, margin, ceiling, settings, i,
+                **({"world": world} if world.size > 1 else {}))  # a single process: the plain call
             for name in extras:  # an internal invariant: norms and biases are written as F32
                 if planned.get(name) != "F32":
                     raise AssertionError(f"{name}: equalization rescaled it but the plan writes it as {planned.get(name)}")
             packed.update(extras)
-            ckpt.save(i, packed, stats)
+            if ckpt is not None:
+                ckpt.save(i, packed, stats)
             resumed = False
         where.update(dict.fromkeys(packed, i))
         del packed
@@ -279,7 +288,27 @@ def _realign_layers(src: Activations, store: Store, plan, probes: ProbeSet, prob
         src.release(i)
         if report:
             report(i, src.n_layers, stats, resumed)
-    return PackedLayers(ckpt, where)
+    return PackedLayers(ckpt, where) if ckpt is not None else {}
+
+
+def _resumable(world: dist.World, ckpt: Checkpoints | None, i: int) -> bool:
+    """Whether layer i is checkpointed: rank 0's directory decides for every rank (the others, perhaps on other
+    nodes, never look at it)."""
+    done = ckpt is not None and ckpt.done(i)
+    if world.size == 1:
+        return done
+    return dist.broadcast_bytes(world, b"1" if done else b"0", what="checking the checkpoints") == b"1"
+
+
+def _load_layer(world: dist.World, ckpt: Checkpoints | None, i: int) -> tuple[dict[str, np.ndarray], dict]:
+    """A checkpointed layer's packed bytes and stats: read by rank 0, sent to the others."""
+    if world.size == 1:
+        return ckpt.load(i)  # type: ignore[union-attr]
+    packed, stats = ckpt.load(i) if ckpt is not None else (None, None)
+    what = f"receiving checkpointed layer {i}"
+    arrays = dist.broadcast_arrays(world, packed, what=what)
+    text = dist.broadcast_bytes(world, json.dumps(stats).encode() if stats is not None else None, what=what)
+    return arrays, json.loads(text)
 
 
 # -- the two calls of api.convert_model: check everything first, then do the long work ---------------------------
@@ -297,8 +326,10 @@ def check_finite_weights(plan) -> None:  # noqa: ANN001 - convert.Plan
         load_checked(t)
 
 
-def prepare_realign(opts: RealignOptions, finetuned: Path, plan, device: str) -> ProbeSet | None:  # noqa: ANN001
-    """Validate every realignment input; returns loaded probes (None when they will be fit on opts.aligned)."""
+def prepare_realign(opts: RealignOptions, finetuned: Path, plan, device: str,  # noqa: ANN001
+                    ranks: int = 1) -> ProbeSet | None:
+    """Validate every realignment input; returns loaded probes (None when they will be fit on opts.aligned).
+    ranks: the processes of a data-parallel job, each of which needs at least one prompt of each kind."""
     opts.check_numbers()
     if opts.aligned is not None and opts.probes is not None:
         raise InputError("give either --aligned or --probes, not both")
@@ -322,8 +353,11 @@ def prepare_realign(opts: RealignOptions, finetuned: Path, plan, device: str) ->
         raise InputError(f"--outtype {plan.outtype} has no quantized blocks to realign; choose e.g. Q8_0 or Q4_K_M")
     mine = model_signature(finetuned)
     parse_layers(opts.probe_layers, int(mine["num_hidden_layers"]))
-    load_prompts(opts.harmful, expect_label=1)  # whole files: a bad line 400 must not surface hours later
-    load_prompts(opts.benign, expect_label=0)
+    harm = load_prompts(opts.harmful, expect_label=1)  # whole files: a bad line 400 must not surface hours later
+    ben = load_prompts(opts.benign, expect_label=0)
+    if min(opts.samples, len(harm), len(ben)) < ranks:  # a rank without prompts would have nothing to add
+        raise InputError(f"--realign-samples {opts.samples} with {len(harm)} harmful and {len(ben)} benign prompts "
+                         f"leaves some of the {ranks} ranks without a prompt; give every rank at least one of each")
     check_finite_weights(plan)
     if opts.aligned is not None:
         check_compatible(model_signature(opts.aligned), mine, f"aligned model {opts.aligned}", str(finetuned))
@@ -335,20 +369,25 @@ def prepare_realign(opts: RealignOptions, finetuned: Path, plan, device: str) ->
 
 def run_realign(opts: RealignOptions, finetuned: Path, plan, probes: ProbeSet | None, *,  # noqa: ANN001
                 importance: dict[str, np.ndarray] | None, threads: int, device: str,
-                log: Log | None = None) -> tuple[Mapping[str, np.ndarray], dict[str, object]]:
+                log: Log | None = None, world: dist.World | None = None) -> tuple[Mapping[str, np.ndarray], dict[str, object]]:
     """The long work: probes (fit on opts.aligned when not given), then every layer. Returns the packed GGUF bytes
-    per tensor and the qrealign.* provenance of the run."""
+    per tensor and the qrealign.* provenance of the run. world: a data-parallel job (dist.py): every rank calls
+    this, rank 0 gets the packed bytes (realign_model); only rank 0 should be given `log`."""
     from .probes import probe_model
 
     say = log or (lambda _msg: None)
+    shared = {"world": world} if world is not None and world.size > 1 else {}  # a single process: the plain calls
     if threads > 0:  # torch's OpenMP threads spin: next to another job, layers once ran ~10x slower here
         torch.set_num_threads(threads)
     if probes is None:
         probes = probe_model(opts.aligned, opts.harmful, opts.benign, console=as_console(log),
                              contrast=finetuned if opts.probe_kind == "contrast" else None,
-                             offload_dir=opts.offload_dir)
+                             offload_dir=opts.offload_dir, **shared)
         say(f"probes: {len(probes.reliable)}/{probes.n_layers} layers reliable "
             f"(held-out accuracy {probes.heldout_acc.min():.2f}..{probes.heldout_acc.max():.2f})")
+    if shared:  # fit from the same gathered states or loaded from one path; a rank with other probes would mix jobs
+        dist.check_identical(world, "the probes", b"".join(t.numpy().tobytes() for t in (
+            probes.mean, probes.std, probes.w, probes.b, probes.target, probes.target_benign)))
 
     def report(i: int, n: int, s: LayerStats, resumed: bool) -> None:
         tag = "checkpoint" if resumed else f"{s.seconds:.0f}s"
@@ -365,7 +404,7 @@ def run_realign(opts: RealignOptions, finetuned: Path, plan, probes: ProbeSet | 
     packed = realign_model(finetuned, plan, probes, settings_of(opts), opts.harmful, opts.benign,
                            importance=importance, checkpoint_dir=opts.checkpoints, report=report,
                            device=resolve_device(device, "torch"), report_equalize=report_eq,
-                           offload_dir=opts.offload_dir)
+                           offload_dir=opts.offload_dir, **shared)
     provenance = {"realigned": True, "realign_iters": opts.iters, "realign_lr": opts.lr,
                   "realign_harm_weight": opts.harm_weight,
                   "realign_margin": "aligned" if opts.margin is None else opts.margin,
