@@ -89,10 +89,12 @@ def two_rank_runs(tiny: tuple[Path, Path], tmp_path_factory: pytest.TempPathFact
     d = tmp_path_factory.mktemp("runs")
     outs = []
     for name in ("a.gguf", "b.gguf"):
-        r = torchrun(["convert", str(model), "-o", str(d / name), "--probes", str(probes), *ARGS])
+        r = torchrun(["convert", str(model), "-o", str(d / name), "--probes", str(probes), *ARGS,
+                      "--save-imatrix", str(d / f"{name}.imatrix")])
         assert r.returncode == 0, r.stdout + r.stderr
         assert len(re.findall(r"^wrote ", r.stdout, re.M)) == 1, r.stdout  # rank 0 alone reports (and writes)
         assert not (d / name).with_suffix(".realign-ckpt").exists()  # removed once the file is verified
+        assert sorted(p.name for p in d.iterdir()) == sorted(n for o in [*outs, d / name] for n in (o.name, f"{o.name}.imatrix"))
         outs.append(d / name)
     return outs[0], outs[1]
 
@@ -106,7 +108,13 @@ def test_two_ranks_valid_deterministic_and_close_to_one_rank(tiny: tuple[Path, P
     one = tmp_path / "one.gguf"
     torch.set_num_threads(1)
     convert_model(ConvertJob(model=model, output=one, outtype="Q4_0", calib="builtin:benign", calib_samples=N,
-                             threads=1, realign=RealignOptions(probes=probes, samples=N, iters=8, equalize=True)))
+                             threads=1, realign=RealignOptions(probes=probes, samples=N, iters=8, equalize=True),
+                             save_imatrix=tmp_path / "one.imatrix"))
+    from qrealign_gguf.imatrix import load_imatrix
+    im1, im2 = load_imatrix(tmp_path / "one.imatrix"), load_imatrix(Path(f"{a}.imatrix"))  # sums of all N prompts
+    assert im1.keys() == im2.keys() and im1
+    for name in im1:  # float32 sums in another order, token count exact
+        np.testing.assert_allclose(im2[name], im1[name], rtol=1e-5, err_msg=name)
     t1, t2 = _tensors(one), _tensors(a)
     assert t1.keys() == t2.keys()
     realigned = [n for n in t1 if re.fullmatch(r"blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down))\.weight", n)]
