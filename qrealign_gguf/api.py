@@ -7,16 +7,21 @@
 Every input is validated here (numbers, files, outputs) before long work starts, so API callers get the same one-line
 InputError as the command line; the CLI (qrealign_gguf/cli/) only parses, shows progress and maps errors to exit codes.
 Progress comes through optional callbacks; nothing here prints. Heavy imports (torch, transformers) stay inside the
-functions that need them.
+functions that need them. Under torchrun, convert_model runs data parallel (dist.py): every rank validates the
+same inputs and computes its shard of the prompts, rank 0 alone touches outputs and reports progress.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import __version__, dist
 from .checks import check_numbers
 from .convert import ConvertOptions, ConvertResult, Progress, convert
 from .errors import InputError
@@ -49,12 +54,13 @@ class ConvertJob:
     force: bool = False  # replace existing outputs
     device: str = "auto"  # auto | cpu | cuda: encoders and realignment's torch work
     realign: RealignOptions | None = None
+    dist_timeout: float = dist.DEFAULT_TIMEOUT_S  # under torchrun: seconds a rank waits for the others, then stops
 
 
 def plan_conversion(job: ConvertJob) -> Plan:
     """The cheap part: numbers checked, model headers read, every tensor's type and the output name decided."""
     check_numbers(**{"--threads": (job.threads, ">=0"), "--calib-samples": (job.calib_samples, ">0"),
-                     "--split-max-size": (job.split_max_size, ">=0")})
+                     "--split-max-size": (job.split_max_size, ">=0"), "--dist-timeout": (job.dist_timeout, ">0")})
     if job.realign is not None:
         job.realign.check_numbers()
     return make_plan(job.model, job.output, job.outtype, pure=job.pure,
@@ -62,34 +68,70 @@ def plan_conversion(job: ConvertJob) -> Plan:
 
 
 def convert_model(job: ConvertJob, *, log: Log | None = None, progress: Progress | None = None,
-                  plan: Plan | None = None) -> ConvertResult:
+                  plan: Plan | None = None, world: dist.World | None = None) -> ConvertResult:
     """plan -> output checks -> (realignment inputs checked) -> importance -> probes and realignment -> write ->
-    read back -> checkpoints removed. `plan`: from plan_conversion(job), when the caller already made it."""
+    read back -> checkpoints removed. `plan`: from plan_conversion(job), when the caller already made it.
+    Started by torchrun (or given `world`): data parallel over the prompts; rank 0 writes and returns the files,
+    the other ranks return no files."""
+    if world is None and dist.launcher_env() is not None:  # torchrun: join its job here, leave it when done
+        device = "cpu"
+        if job.realign is not None:  # only the realignment computes on the ranks: its device picks the backend
+            from .device import resolve_device
+            device = resolve_device(job.device, "torch")
+        with dist.session(device, job.dist_timeout) as joined:
+            return _convert(job, log, progress, plan, joined)
+    return _convert(job, log, progress, plan, world or dist.single())
+
+
+def _convert(job: ConvertJob, log: Log | None, progress: Progress | None, plan: Plan | None,
+             world: dist.World) -> ConvertResult:
     if job.realign is not None:  # it imports torch, which plain conversion does without
         from .realign.pipeline import default_checkpoint_dir, prepare_realign, run_realign
 
+    t0 = time.perf_counter()
     plan = plan or plan_conversion(job)
-    check_output(plan, split_max_size=job.split_max_size, force=job.force)  # before hours of calibration
+    if world.size > 1:
+        dist.check_same(world, job_fields(job, plan))  # a rank started differently would compute another job
+        if not world.is_main:  # rank 0 speaks for the job
+            log = progress = None
     save_imatrix = Path(job.save_imatrix) if job.save_imatrix is not None else None
-    if save_imatrix is not None:
-        if job.calib is None:
-            raise InputError("--save-imatrix writes the importance computed from --calib; give --calib too")
-        check_side_output(save_imatrix, "--save-imatrix", job.force, clash=plan.output)
     model = Path(job.model)
-    probes = prepare_realign(job.realign, model, plan, job.device) if job.realign is not None else None
+
+    def validate() -> ProbeSet | None:
+        if world.is_main:  # outputs are rank 0's alone; every rank checks every input
+            check_output(plan, split_max_size=job.split_max_size, force=job.force)  # before hours of calibration
+        if save_imatrix is not None:
+            if job.calib is None:
+                raise InputError("--save-imatrix writes the importance computed from --calib; give --calib too")
+            if world.is_main:
+                check_side_output(save_imatrix, "--save-imatrix", job.force, clash=plan.output)
+        if job.calib is not None and world.size > 1:  # every rank adds its prompts' sums: none may be without
+            from .prompts import load_prompts
+            n = len(load_prompts(job.calib, limit=job.calib_samples))
+            if n < world.size:
+                raise InputError(f"--calib {job.calib}: {n} prompts for {world.size} ranks; give every rank at least one")
+        if job.realign is None:
+            return None
+        return prepare_realign(job.realign, model, plan, job.device, ranks=world.size)
+
+    probes = dist.agree(world, validate)  # one rank's bad input stops every rank, with one line
     provenance: dict[str, Any] = {}
     importance = None
+    shared = {"world": world} if world.size > 1 else {}  # a single process calls the plain functions
     if job.calib is not None:
         from .calib import compute_importance
-        with written_whole(save_imatrix, job.force) as imatrix_tmp:
+        with written_whole(save_imatrix if world.is_main else None, job.force) as imatrix_tmp:
             importance = compute_importance(plan.family, job.calib, job.calib_samples, imatrix_tmp,
-                                            console=as_console(log))
+                                            console=as_console(log),
+                                            offload_dir=job.realign.offload_dir if job.realign else None, **shared)
         provenance["imatrix"] = f"computed from {Path(job.calib).name} ({job.calib_samples} prompts)"
     packed = None
     if job.realign is not None:
         packed, realigned = run_realign(job.realign, model, plan, probes, importance=importance, threads=job.threads,
-                                        device=job.device, log=log)
+                                        device=job.device, log=log, **shared)
         provenance.update(realigned)
+    if not world.is_main:  # the file is rank 0's to write; this rank's share of the work is done
+        return ConvertResult([], plan, time.perf_counter() - t0, provenance=provenance)
     opts = ConvertOptions(outtype=plan.outtype, imatrix=job.imatrix, importance=importance, pure=job.pure,
                           split_max_size=job.split_max_size, metadata=dict(job.metadata), threads=job.threads,
                           force=job.force, extra_provenance=provenance, packed=packed, device=job.device)
@@ -99,22 +141,41 @@ def convert_model(job: ConvertJob, *, log: Log | None = None, progress: Progress
     return result
 
 
+def job_fields(job: ConvertJob, plan: Plan) -> dict[str, str]:
+    """What every rank of a job must agree on, as text: each argument, the planned tensors (a rank on another copy
+    of the model reads other headers) and the version."""
+    def text(v: Any) -> str:
+        return json.dumps(v, sort_keys=True, default=str)
+
+    out = {f.name: text(getattr(job, f.name)) for f in dataclasses.fields(job) if f.name != "realign"}
+    if job.realign is not None:
+        out.update({f"realign.{f.name}": text(getattr(job.realign, f.name)) for f in dataclasses.fields(job.realign)})
+    tensors = [[t.source.name, list(t.source.shape), t.qtype.name] for t in plan.tensors]
+    out["planned tensors"] = "sha256:" + hashlib.sha256(text(tensors).encode()).hexdigest()[:16]
+    out["qrealign-gguf version"] = text(__version__)
+    return out
+
+
 def probe_model(model: str | Path, output: str | Path | None = None, *, harmful: str | Path = "builtin:harmful",
                 benign: str | Path = "builtin:benign", samples: int = 256, min_acc: float = 0.9,
                 contrast: str | Path | None = None, plot: str | Path | None = None, force: bool = False,
-                log: Log | None = None) -> ProbeSet:
+                log: Log | None = None, offload_dir: str | Path | None = None) -> ProbeSet:
     """Fit per-layer safety probes on the ALIGNED model (`qrealign-gguf probe`); saved to `output` when given,
-    their accuracy per layer plotted to `plot` (PNG) when given."""
+    their accuracy per layer plotted to `plot` (PNG) when given. The model runs one decoder layer at a time;
+    `offload_dir` keeps that layer's activations in files there instead of memory."""
+    from .realign.options import check_offload_dir
     from .realign.probes import probe_model as fit
 
     check_numbers(**{"--samples": (samples, ">0"), "--min-acc": (min_acc, "0..1")})
+    check_offload_dir(offload_dir)
     out = Path(output) if output is not None else None
     png = Path(plot) if plot is not None else None
     if out is not None:
         check_side_output(out, "-o", force)
     if png is not None:
         check_side_output(png, "--plot", force, clash=out)
-    ps = fit(model, harmful, benign, samples, min_acc, console=as_console(log), contrast=contrast)
+    ps = fit(model, harmful, benign, samples, min_acc, console=as_console(log), contrast=contrast,
+             offload_dir=offload_dir)
     with written_whole(out, force) as tmp:
         if tmp is not None:
             ps.save(tmp)

@@ -10,6 +10,7 @@ from rich.panel import Panel
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ..dist import DEFAULT_TIMEOUT_S
 from ..realign.options import RealignOptions as R
 from .common import err, log, out, parse_size, run_guarded
 
@@ -54,7 +55,9 @@ def convert(
     benign_ceiling: Optional[float] = typer.Option(R.benign_ceiling, "--benign-ceiling", help="REALIGN: probe score benign prompts must stay below (default: per layer, the aligned model's median benign score; 0 = the decision boundary)"),
     probe_kind: str = typer.Option(R.probe_kind, "--probe-kind", help="REALIGN with --aligned: content (the paper's probes: aligned model, harmful vs benign prompts) or contrast (aligned vs this fine-tuned model on harmful prompts: the refusal the fine-tune removed)"),
     checkpoints: Optional[Path] = typer.Option(None, "--checkpoints", help="REALIGN: per-layer checkpoint dir (default <output>.realign-ckpt)"),
+    offload_dir: Optional[Path] = typer.Option(None, "--offload-dir", help="REALIGN: keep the per-layer activations (and those of the probe fit) in files under this directory instead of memory, for large prompt sets; removed when done"),
     equalize: bool = typer.Option(R.equalize, "--equalize", help="REALIGN: first fold exact per-channel scalings (norm->q/k/v, v->o, norm->gate/up, up->down; llama/qwen2) chosen on the benign prompts"),
+    dist_timeout: float = typer.Option(DEFAULT_TIMEOUT_S, "--dist-timeout", help="under torchrun: seconds a rank waits for the others in one exchange before the whole job stops with one line (resumable from checkpoints)"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda: block encoders (and realignment's torch work); auto = CUDA when a GPU and the CUDA codec are available"),
 ) -> None:
     """Convert a Hugging Face model to GGUF; with --aligned or --probes, realign safety while quantizing."""
@@ -66,13 +69,13 @@ def convert(
         realign = R(aligned=aligned, probes=probes, harmful=harmful, benign=benign, samples=samples, iters=iters,
                     lr=lr, harm_weight=harm_weight, margin=margin, margin_offset=margin_offset,
                     probe_layers=probe_layers, last_weight=last_weight, benign_ceiling=benign_ceiling,
-                    probe_kind=probe_kind, equalize=equalize, checkpoints=checkpoints)
+                    probe_kind=probe_kind, equalize=equalize, checkpoints=checkpoints, offload_dir=offload_dir)
         realign.check_numbers()  # given without --aligned/--probes they do nothing, but a typo is still a typo
         job = ConvertJob(model=model, output=output, outtype=outtype, imatrix=imatrix, calib=calib,
                          calib_samples=calib_samples, save_imatrix=save_imatrix, pure=pure,
                          split_max_size=parse_size(split_max_size),
                          metadata=load_metadata_overrides(metadata) if metadata else {}, threads=threads,
-                         force=force, device=device,
+                         force=force, device=device, dist_timeout=dist_timeout,
                          realign=realign if aligned is not None or probes is not None else None)
         plan = plan_conversion(job)  # numbers before the model headers: a typo must not cost a model load
         if plan.custom_types:

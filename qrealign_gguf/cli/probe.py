@@ -20,13 +20,15 @@ def probe(
     contrast: Optional[Path] = typer.Option(None, "--contrast", help="the FINE-TUNED model: fit refusal-state probes (aligned vs fine-tuned states on harmful prompts) instead of content probes"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of probe accuracy per layer"),
     force: bool = typer.Option(False, "--force", "-f", help="replace an existing output file and --plot file"),
+    offload_dir: Optional[Path] = typer.Option(None, "--offload-dir", help="keep the per-layer activations in files under this directory instead of memory, for large prompt sets; removed when done"),
 ) -> None:
     """Fit per-layer linear safety probes on the aligned model's last-token states."""
     from ..api import probe_model
 
     def work() -> None:
         ps = probe_model(model, output, harmful=harmful, benign=benign, samples=samples, min_acc=min_acc,
-                         contrast=contrast, plot=plot, force=force, log=log)
+                         contrast=contrast, plot=plot, force=force, log=log,
+                         offload_dir=offload_dir)
         t = Table(title=f"probe accuracy per layer ({len(ps.reliable)}/{ps.n_layers} reliable at >= {min_acc:.2f})")
         for col in ("layer", "train", "held-out", "used"):
             t.add_column(col, justify="right")

@@ -23,9 +23,17 @@ the exact value the GGUF block format will store, differentiable in per-weight r
 per-block scale/min changes (the role of learnable weight clipping). Adam on those, then export + pack
 gives the bytes to write. Prompts of one kind run as one right-padded batch (see Padded).
 The relative benign error makes harm_weight mean the same thing in shallow and deep layers.
+
+Data parallel (dist.py, torchrun): each rank holds a shard of the prompts (global prompt i on rank i % N). Every
+step draws the same GLOBAL minibatch on every rank (same generator), each rank runs the prompts of it that it owns,
+its loss terms are sums divided by the global minibatch counts, so the ranks' losses and gradients add up to the
+single-process ones; gradients are summed before Adam and the loss that picks the kept iterate is summed too, so
+every rank takes the same steps and ends with the same blocks (checked). A single process (world None or size 1)
+runs the plain code: the same bytes as before data parallelism existed.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +43,7 @@ import torch
 from torch.func import functional_call
 from torch.nn.functional import relu
 
+from .. import dist
 from ..formats import codec, simulate
 from ..formats.types import QType
 
@@ -86,17 +95,26 @@ def at_last(h: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
     return h[torch.arange(h.shape[0], device=h.device), last]
 
 
+def _mean(per_prompt: torch.Tensor, count: int | None) -> torch.Tensor:
+    """Mean over `count` prompts of which these are some (a rank's part of a global minibatch): their sum / count.
+    All of them (a single process): the plain mean, so the single-process numbers are bit for bit the old ones."""
+    if count is None or count == per_prompt.shape[0]:
+        return per_prompt.mean()
+    return per_prompt.sum() / count
+
+
 def benign_loss(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, last: torch.Tensor,
-                last_weight: float = 1.0) -> torch.Tensor:
+                last_weight: float = 1.0, count: int | None = None) -> torch.Tensor:
     """Mean over prompts of the relative squared error on real (unpadded) tokens, plus last_weight times the
-    relative error at each prompt's last token."""
+    relative error at each prompt's last token. count: the prompts the mean is over when these are only a rank's
+    part of them (None: these)."""
     m = mask[..., None].to(out.dtype)
     num = (((out - target) ** 2) * m).sum((1, 2))
     den = ((target**2) * m).sum((1, 2)).clamp_min(1e-12)
-    loss = (num / den).mean()
+    loss = _mean(num / den, count)
     if last_weight:
         o, t = at_last(out, last), at_last(target, last)
-        loss = loss + last_weight * (((o - t) ** 2).sum(1) / (t**2).sum(1).clamp_min(1e-12)).mean()
+        loss = loss + last_weight * _mean(((o - t) ** 2).sum(1) / (t**2).sum(1).clamp_min(1e-12), count)
     return loss
 
 
@@ -159,8 +177,9 @@ def _chunks(n: int, size: int) -> list[list[int]]:
 
 @torch.no_grad()
 def _evaluate(layer, weights, xb, yb, kb, xh, kh, score, margin, ceiling, size,  # noqa: ANN001
-              last_weight) -> tuple[float, float, float, float]:  # noqa: ANN001
-    """(benign loss, harm loss, harmful fraction on the harmful side, benign fraction on the harmful side)."""
+              last_weight, world: dist.World, nb: int, nh: int) -> tuple[float, float, float, float]:  # noqa: ANN001
+    """(benign loss, harm loss, harmful fraction on the harmful side, benign fraction on the harmful side) over all
+    nb benign and nh harmful prompts, of which this rank holds xb and xh."""
     lb, sb = [], []
     for idx in _chunks(len(xb), size):
         p, y = pad(xb, kb, idx), pad(yb, kb, idx).x
@@ -168,6 +187,8 @@ def _evaluate(layer, weights, xb, yb, kb, xh, kh, score, margin, ceiling, size, 
         lb.append(benign_loss(out, y, p.mask, p.last, last_weight).item() * len(idx))
         if score is not None:
             sb.append(score(at_last(out, p.last)))
+    if world.size > 1:
+        return _evaluate_shared(layer, weights, xh, kh, score, margin, ceiling, size, world, nb, nh, lb, sb)
     lb_mean = sum(lb) / len(xb)
     if score is None:
         return lb_mean, 0.0, 0.0, 0.0
@@ -175,6 +196,20 @@ def _evaluate(layer, weights, xb, yb, kb, xh, kh, score, margin, ceiling, size, 
     b = torch.cat(sb)
     probe = float(harm_loss(s, margin).mean() + benign_probe_loss(b, ceiling).mean())
     return lb_mean, probe, float((s > 0).float().mean()), float((b > 0).float().mean())
+
+
+def _evaluate_shared(layer, weights, xh, kh, score, margin, ceiling, size, world: dist.World,  # noqa: ANN001
+                     nb: int, nh: int, lb: list[float], sb: list[torch.Tensor]) -> tuple[float, float, float, float]:
+    """_evaluate's statistics from every rank's sums (a rank may hold no prompt of a kind)."""
+    if score is None:
+        return dist.sum_floats(world, [sum(lb)], "summing the layer's statistics")[0] / nb, 0.0, 0.0, 0.0
+    none = torch.zeros(0)
+    s = torch.cat([_last_scores(layer, weights, pad(xh, kh, idx), score).cpu() for idx in _chunks(len(xh), size)]
+                  or [none])
+    b = torch.cat([x.cpu() for x in sb] or [none])
+    t = dist.sum_floats(world, [sum(lb), float(harm_loss(s, margin).sum()), float(benign_probe_loss(b, ceiling).sum()),
+                                float((s > 0).sum()), float((b > 0).sum())], "summing the layer's statistics")
+    return t[0] / nb, t[1] / nh + t[2] / nb, t[3] / nh, t[4] / nb
 
 
 def _last_scores(layer, weights, p: Padded, score) -> torch.Tensor:  # noqa: ANN001
@@ -194,12 +229,17 @@ def initial_encoding(t: Target, w: torch.Tensor) -> np.ndarray:
 def realign_layer(layer: torch.nn.Module, targets: list[Target],
                   benign: tuple[list, list, list], harmful: tuple[list, list],
                   score: Callable[[torch.Tensor], torch.Tensor] | None, margin: float, ceiling: float,
-                  s: RealignSettings, layer_index: int) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor], LayerStats]:
+                  s: RealignSettings, layer_index: int, world: dist.World | None = None,
+                  ) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor], LayerStats]:
     """Optimize one layer. benign = (X_q, Y_fp, kwargs) lists, harmful = (X_q, kwargs) lists.
-    Returns GGUF-layout packed bytes per tensor, the hard quantized weights (to propagate X_q), and stats."""
+    Returns GGUF-layout packed bytes per tensor, the hard quantized weights (to propagate X_q), and stats.
+    world: this rank in a data-parallel job (dist.py); benign and harmful then hold its shard of the prompts
+    (dist.shard: global prompt i on rank i % size) and every rank returns the same bytes and stats. None: one process."""
+    world = world or dist.single()
     t0 = time.perf_counter()
     xb, yb, kb = benign
     xh, kh = harmful
+    nb, nh = dist.shard_total(world, len(xb)), dist.shard_total(world, len(xh))
     base = {t.module: layer.get_submodule(t.module).weight.detach().float() for t in targets}
     learn = {t.module: simulate.init_params(t.qtype, base[t.module], initial_encoding(t, base[t.module]),
                                             imatrix=t.importance) for t in targets}
@@ -211,7 +251,7 @@ def realign_layer(layer: torch.nn.Module, targets: list[Target],
 
     ev = s.batch * 2
     start = _evaluate(layer, _weights(layer, targets, learn, base), xb, yb, kb, xh, kh, score, margin, ceiling,
-                      ev, s.last_weight)
+                      ev, s.last_weight, world, nb, nh)
     # auto-round's schedule: linear decay to zero, and keep the best minibatch iterate (the straight-through
     # gradient makes late iterates oscillate between rounding choices)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 - k / max(s.iters, 1))
@@ -219,18 +259,18 @@ def realign_layer(layer: torch.nn.Module, targets: list[Target],
     for _ in range(s.iters):
         opt.zero_grad(set_to_none=True)
         w = _weights(layer, targets, learn, base)
-        ib = torch.randperm(len(xb), generator=gen)[: s.batch].tolist()
-        p = pad(xb, kb, ib)
-        out = _run(layer, w, p.x, p.kwargs)
-        loss = benign_loss(out, pad(yb, kb, ib).x, p.mask, p.last, s.last_weight)
-        if score is not None and s.harm_weight > 0:
-            ih = torch.randperm(len(xh), generator=gen)[: s.batch].tolist()
-            sc = _last_scores(layer, w, pad(xh, kh, ih), score)
-            sb = score(at_last(out, p.last))
-            loss = loss + s.harm_weight * (harm_loss(sc, margin).mean() + benign_probe_loss(sb, ceiling).mean())
-        if loss.item() < best_loss:  # the loss of the weights *before* this step
-            best, best_loss = _snapshot(learn), loss.item()
-        loss.backward()
+        ib = torch.randperm(nb, generator=gen)[: s.batch].tolist()  # the global minibatch, the same on every rank
+        probe_term = score is not None and s.harm_weight > 0
+        ih = torch.randperm(nh, generator=gen)[: s.batch].tolist() if probe_term else []
+        loss = minibatch_loss(layer, w, benign, harmful, ib, ih, score, margin, ceiling, s, world)
+        value = loss.item() if torch.is_tensor(loss) else loss
+        if world.size > 1:  # every rank must keep the same iterate: decide on the summed loss
+            value = dist.sum_floats(world, [value], "summing the loss")[0]
+        if value < best_loss:  # the loss of the weights *before* this step
+            best, best_loss = _snapshot(learn), value
+        if torch.is_tensor(loss) and loss.requires_grad:
+            loss.backward()
+        _sum_grads(world, params)
         opt.step()
         sched.step()
         for t in targets:
@@ -239,7 +279,7 @@ def realign_layer(layer: torch.nn.Module, targets: list[Target],
 
     with torch.no_grad():
         hard = _weights(layer, targets, learn, base)
-    end = _evaluate(layer, hard, xb, yb, kb, xh, kh, score, margin, ceiling, ev, s.last_weight)
+    end = _evaluate(layer, hard, xb, yb, kb, xh, kh, score, margin, ceiling, ev, s.last_weight, world, nb, nh)
     packed: dict[str, np.ndarray] = {}
     for t in targets:
         data = codec.pack(t.qtype, simulate.export(t.qtype, base[t.module], learn[t.module]))
@@ -248,15 +288,66 @@ def realign_layer(layer: torch.nn.Module, targets: list[Target],
         if not np.array_equal(check, hard[f"{t.module}.weight"].detach().cpu().numpy()):
             raise AssertionError(f"{t.gguf_name}: packed blocks do not decode to the simulated weight")
         packed[t.gguf_name] = data if t.row_order is None else data[t.row_order]
+    if world.size > 1:  # the ranks go on with these weights: they must all hold the same ones
+        dist.check_identical(world, f"the learned blocks of layer {layer_index}", _digest(packed))
     stats = LayerStats(start[0], end[0], start[1], end[1], start[2], end[2], start[3], end[3], score is not None,
                        time.perf_counter() - t0)
     return packed, {k: v.detach() for k, v in hard.items()}, stats
 
 
+def minibatch_loss(layer: torch.nn.Module, w: dict[str, torch.Tensor], benign: tuple[list, list, list],
+                   harmful: tuple[list, list], ib: list[int], ih: list[int],
+                   score: Callable[[torch.Tensor], torch.Tensor] | None, margin: float, ceiling: float,
+                   s: RealignSettings, world: dist.World) -> torch.Tensor | float:
+    """This rank's part of the loss of the global minibatch ib (benign) / ih (harmful; empty: no probe term), global
+    prompt indices: sums over the prompts it owns divided by the global counts, so the ranks' parts (and their
+    gradients) add up to the single-process loss. 0.0 on a rank that owns none of them."""
+    (xb, yb, kb), (xh, kh) = benign, harmful
+    mine_b = dist.local_part(world, ib)
+    loss: torch.Tensor | float = 0.0
+    if mine_b:
+        p = pad(xb, kb, mine_b)
+        out = _run(layer, w, p.x, p.kwargs)
+        loss = benign_loss(out, pad(yb, kb, mine_b).x, p.mask, p.last, s.last_weight, count=len(ib))
+    if ih and score is not None:
+        mine_h = dist.local_part(world, ih)
+        probe: torch.Tensor | float = 0.0
+        if mine_h:
+            sc = _last_scores(layer, w, pad(xh, kh, mine_h), score)
+            probe = _mean(harm_loss(sc, margin), len(ih))
+        if mine_b:
+            sb = score(at_last(out, p.last))
+            probe = probe + _mean(benign_probe_loss(sb, ceiling), len(ib))
+        loss = loss + s.harm_weight * probe
+    return loss
+
+
+def _sum_grads(world: dist.World, groups: list[dict]) -> None:
+    """Gradients summed over the ranks before the step, so every rank steps with the global minibatch's gradient.
+    A parameter no rank has a gradient for stays without one (Adam skips it, as in a single process)."""
+    if world.size == 1:
+        return
+    ps = [p for g in groups for p in g["params"]]
+    has = dist.sum_floats(world, [float(p.grad is not None) for p in ps], "summing gradients")
+    for p, n in zip(ps, has):
+        if n:
+            if p.grad is None:  # this rank owned none of the step's prompts
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce_sum_(world, p.grad, "summing gradients")
+
+
+def _digest(packed: dict[str, np.ndarray]) -> bytes:
+    h = hashlib.sha256()
+    for name in sorted(packed):
+        h.update(name.encode() + b"\0" + np.ascontiguousarray(packed[name]).tobytes())
+    return h.digest()
+
+
 @torch.no_grad()
 def propagate(layer: torch.nn.Module, hard: dict[str, torch.Tensor], xs: list[torch.Tensor],
               kwargs: list[dict], size: int = 16) -> list[torch.Tensor]:
-    """The next layer's quantized-prefix inputs: this layer run with its final (stored) weights."""
+    """The next layer's quantized-prefix inputs: this layer run with its final (stored) weights. Per prompt, so a
+    rank propagates its own shard and nothing is exchanged."""
     out: list[torch.Tensor] = []
     for idx in _chunks(len(xs), size):
         p = pad(xs, kwargs, idx)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -65,3 +66,24 @@ class Checkpoints:
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PackedLayers(Mapping[str, np.ndarray]):
+    """Every realigned tensor, read from its layer's checkpoint file when asked for: the packed bytes of the whole
+    model (several GB for an 8B model) are never held at once; the writer takes one tensor at a time."""
+
+    def __init__(self, ckpt: Checkpoints, where: dict[str, int]) -> None:
+        self._ckpt, self._where = ckpt, dict(where)  # tensor name -> layer
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        from safetensors import safe_open
+
+        layer = self._where[name]  # KeyError for a tensor that was not realigned, as a dict would
+        with safe_open(str(self._ckpt._path(layer)), framework="pt") as f:  # noqa: SLF001 - same module
+            return f.get_tensor(name).numpy()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)

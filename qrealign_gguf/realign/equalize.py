@@ -16,6 +16,11 @@ so on the calibration data a group is never worse than plain encoding. An imatri
 importance (E[x^2] per column) becomes importance / s^2.
 
 Layers of the llama/qwen2 shape only (plain RMSNorm weights, q/k/v/o and gate/up/down projections).
+
+Data parallel (dist.py): each rank runs its shard of the benign prompts; the statistics are sums (Gram matrix,
+sum |x|, token count) added over the ranks before anything is derived from them, and the alphas of the grid are
+shared out among the ranks (each error is computed by one rank and sent to all), so every rank folds the same
+scales. A single process (world None) runs the plain code.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import dist
 from ..formats import codec
 from ..formats.types import QType
 
@@ -83,9 +89,11 @@ class InputStats:
     mean_abs: np.ndarray  # (in,) mean |x| over real tokens
 
 
-def collect(layer: torch.nn.Module, run: Callable[[], None], modules: tuple[str, ...]) -> dict[str, InputStats]:
+def collect(layer: torch.nn.Module, run: Callable[[], None], modules: tuple[str, ...],
+            world: dist.World | None = None) -> dict[str, InputStats]:
     """Input statistics of `modules` while run() pushes the calibration prompts (one unpadded prompt per call
-    of the module, as capture.py caches them) through the layer."""
+    of the module, as capture.py caches them) through the layer. world: run() pushes this rank's shard, and the
+    sums are added over the ranks (every rank gets the same statistics)."""
     acc: dict[str, list] = {m: [None, None, 0] for m in modules}
 
     def hook(name: str):  # noqa: ANN202
@@ -105,6 +113,14 @@ def collect(layer: torch.nn.Module, run: Callable[[], None], modules: tuple[str,
     finally:
         for h in hs:
             h.remove()
+    if world is not None and world.size > 1:
+        for m, a in acc.items():
+            n = layer.get_submodule(m).weight.shape[1]  # a rank may have run no prompt: its sums are zeros
+            g = a[0] if a[0] is not None else torch.zeros(n, n, dtype=torch.float64)
+            s = a[1] if a[1] is not None else torch.zeros(n, dtype=torch.float64)
+            a[0] = dist.all_reduce_sum_(world, g.contiguous(), "summing equalization statistics")
+            a[1] = dist.all_reduce_sum_(world, s.contiguous(), "summing equalization statistics")
+            a[2] = int(dist.sum_floats(world, [a[2]], "summing equalization statistics")[0])
     return {m: InputStats(a[0].numpy(), (a[1] / max(a[2], 1)).numpy()) for m, a in acc.items()}
 
 
@@ -172,12 +188,13 @@ class GroupReport:
 
 
 def choose(layer: torch.nn.Module, run: Callable[[], None], encoders: dict[str, tuple[QType, np.ndarray | None]],
-           n_heads: int, n_kv: int) -> tuple[Scales, list[GroupReport]]:
+           n_heads: int, n_kv: int, world: dist.World | None = None) -> tuple[Scales, list[GroupReport]]:
     """The four groups' scales for `layer` (not yet folded). encoders: module -> (type, imatrix) of the linears
     that are block-encoded, i.e. written from the folded layer. A linear outside it (e.g. an F16 fallback for rows
     that are no multiple of the block) is written from the source, unscaled, so every group that touches it keeps
-    the identity: scaling only its partner would change the model the file computes."""
-    stats = collect(layer, run, ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"))
+    the identity: scaling only its partner would change the model the file computes.
+    world: run() pushes this rank's shard of the prompts (see collect); every rank returns the same scales."""
+    stats = collect(layer, run, ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"), world)
     reports: list[GroupReport] = []
 
     def group(name: str, consumers: tuple[str, ...], st: InputStats, mean_abs: np.ndarray,
@@ -188,10 +205,13 @@ def choose(layer: torch.nn.Module, run: Callable[[], None], encoders: dict[str, 
         mods = list(consumers)
         ws = [layer.get_submodule(m).weight.detach().float().cpu().numpy() for m in mods]
         enc = rtn_encoder([encoders[m][0] for m in mods], [encoders[m][1] for m in mods])
+
+        def error(a: float) -> float:
+            return group_error(ws, st.gram, expand(channel_scales(mean_abs, a)), enc)
+
         best_s, best, base = np.ones_like(mean_abs, dtype=np.float32), None, None
-        for a in ALPHAS:
+        for a, err in zip(ALPHAS, _grid_errors(world, error)):
             s = channel_scales(mean_abs, a)  # alpha 0: exactly ones, the identity
-            err = group_error(ws, st.gram, expand(s), enc)
             base = err if a == 0 else base
             if best is None or err < best:
                 best_s, best = s, err
@@ -210,3 +230,12 @@ def choose(layer: torch.nn.Module, run: Callable[[], None], encoders: dict[str, 
         ud=group("up->down", ("mlp.down_proj",), stats["mlp.down_proj"], stats["mlp.down_proj"].mean_abs,
                  producer="mlp.up_proj"),
     ), reports
+
+
+def _grid_errors(world: dist.World | None, error: Callable[[float], float]) -> list[float]:
+    """error(alpha) for every alpha of the grid: in a data-parallel job alpha k is computed by rank k % size and
+    sent to all (exactly: the others add 0.0), so the search costs each rank a share of the grid."""
+    if world is None or world.size == 1:
+        return [error(a) for a in ALPHAS]
+    mine = [error(a) if k % world.size == world.rank else 0.0 for k, a in enumerate(ALPHAS)]
+    return dist.sum_floats(world, mine, "sharing the equalization search")

@@ -25,6 +25,7 @@ class RealignOptions:
     probe_kind: str = "content"  # with aligned: "contrast" fits refusal-state probes against the fine-tuned model
     equalize: bool = False
     checkpoints: str | Path | None = None  # per-layer checkpoints; None: <output>.realign-ckpt, removed after the write
+    offload_dir: str | Path | None = None  # activation streams spilled to files here (large prompt sets); None: memory
 
     def check_numbers(self) -> None:
         """The ranges, before any model is loaded (the rest needs the plan: pipeline.prepare_realign)."""
@@ -35,3 +36,36 @@ class RealignOptions:
                          "--margin": (self.margin, "finite"), "--margin-offset": (self.margin_offset, "finite"),
                          "--benign-last-weight": (self.last_weight, ">=0"),
                          "--benign-ceiling": (self.benign_ceiling, "finite")})
+
+    def check_offload_dir(self) -> None:
+        check_offload_dir(self.offload_dir)
+
+
+def check_offload_dir(offload_dir: str | Path | None) -> None:
+    """--offload-dir is (or can become) a directory we may write into: one clear error now, not after hours of
+    work. Nothing is created here (every check runs before the first byte of output): the directory that exists,
+    or else its nearest existing parent, must take a temporary file."""
+    if offload_dir is None:
+        return
+    import os
+    import tempfile
+
+    from ..errors import InputError
+
+    d = Path(offload_dir)
+    probe = d
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    why = None
+    if not probe.is_dir():
+        why = "a file is in the way" if probe == d else f"{probe} is a file"
+    elif not os.access(probe, os.W_OK | os.X_OK):
+        why = "permission denied"
+    else:
+        try:
+            with tempfile.TemporaryFile(dir=probe):
+                pass
+        except OSError as e:
+            why = e.strerror or str(e)
+    if why is not None:
+        raise InputError(f"--offload-dir {d} is not a writable directory ({why}); give another one")

@@ -3,15 +3,17 @@ layer's linear weights, layer by layer with checkpoints. convert() writes them (
 prepare_realign before and run_realign after the cheap checks."""
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from .. import __version__
+from .. import __version__, dist
 from ..chat import chat_ids
 from ..convert import load_checked
 from ..device import resolve_device
@@ -21,13 +23,33 @@ from ..progress import Log, as_console
 from ..prompts import load_prompts
 from .calibrate import LayerStats, RealignSettings, Target, propagate, realign_layer
 from . import equalize
-from .capture import capture
-from .checkpoint import Checkpoints, fingerprint, model_files_digest
-from .hidden import check_compatible, decoder_layers, model_signature
+from .checkpoint import Checkpoints, PackedLayers, fingerprint, model_files_digest
+from .hidden import check_compatible, model_signature
+from .onload import LayerwiseSource, gather_rows, token_rows
 from .options import RealignOptions
 from .probes import ProbeSet
+from .streams import Store, Stream, on_device
 
 Report = Callable[[int, int, LayerStats, bool], None]  # (layer, n_layers, stats, from_checkpoint)
+PROPAGATE_CHUNK = 16  # prompts per padded batch when propagating the quantized prefix (calibrate.propagate's)
+
+
+class Activations(Protocol):
+    """Where realign_model gets a layer and its inputs: onload.LayerwiseSource (one layer in memory at a time);
+    tests/whole_model.py holds the whole-model capture this replaced, as the oracle."""
+    n_layers: int
+    config: Any  # the decoder's (text) config: head counts
+    q0: Sequence[torch.Tensor]  # per prompt, layer 0's input under the token embedding the file stores
+
+    def kwargs(self, i: int) -> list[dict]: ...  # per prompt, layer i's keyword arguments
+    def layer(self, i: int) -> torch.nn.Module: ...  # layer i, float32, on the CPU
+    def fp_outputs(self, i: int, layer: torch.nn.Module) -> Sequence[torch.Tensor]: ...  # benign FP outputs
+    def release(self, i: int) -> None: ...
+
+
+# (finetuned dir, its family, token ids per prompt, how many lead prompts need full-precision targets, the token
+# rows used, those rows of the quantized token embedding or None, where streams live) -> Activations
+SourceFactory = Callable[[Path, Any, list[list[int]], int, np.ndarray, "torch.Tensor | None", Store], Activations]
 
 
 def _targets(plan, layer: int, importance: dict[str, np.ndarray]) -> list[Target]:  # noqa: ANN001 - convert.Plan
@@ -47,13 +69,17 @@ def _targets(plan, layer: int, importance: dict[str, np.ndarray]) -> list[Target
     return out
 
 
-def _quantized_embedding(plan, importance: dict[str, np.ndarray], device: str = "cpu") -> torch.Tensor | None:  # noqa: ANN001
-    """The token embedding as the file will store it (layer 0's real input); encoded on the GPU when realigning
-    there (the CUDA codec writes the C codec's bytes)."""
+def _quantized_embedding(plan, importance: dict[str, np.ndarray], rows: np.ndarray,  # noqa: ANN001 - convert.Plan
+                         device: str = "cpu") -> torch.Tensor | None:
+    """Rows `rows` of the token embedding as the file will store it (layer 0's real input); encoded on the GPU
+    when realigning there (the CUDA codec writes the C codec's bytes). Every GGUF block type encodes a row on its
+    own (the imatrix is per column), so encoding only the rows of the tokens used gives those rows' values of
+    the whole matrix's encoding (tests/test_layerwise.py)."""
     p = next((t for t in plan.tensors if t.source.name == "token_embd.weight"), None)
     if p is None or p.qtype.name == "F32":
         return None
-    e = p.source.load()
+    src = p.source
+    e = gather_rows(src.load_rows, rows) if src.load_rows is not None else np.ascontiguousarray(src.load()[rows])
     if p.qtype.name == "F16":
         return torch.from_numpy(codec.to_f16(e).astype(np.float32))
     if p.qtype.name == "BF16":
@@ -82,9 +108,10 @@ _EQ_EXTRAS = {"input_layernorm.weight": "attn_norm.weight", "post_attention_laye
 
 
 def _equalize(layer: torch.nn.Module, i: int, targets: list[Target], xs: list[torch.Tensor], kws: list[dict],
-              n_heads: int, n_kv: int) -> tuple[list[Target], dict[str, np.ndarray], list[equalize.GroupReport]]:
+              n_heads: int, n_kv: int, world: dist.World) -> tuple[list[Target], dict[str, np.ndarray], list[equalize.GroupReport]]:
     """Fold the exact scalings into `layer` (in place), chosen on the benign prompts' inputs xs. Returns the
-    targets with their imatrix moved along, and the rescaled F32 tensors (norms, v/up biases) as GGUF bytes."""
+    targets with their imatrix moved along, and the rescaled F32 tensors (norms, v/up biases) as GGUF bytes.
+    world: xs are this rank's shard; the statistics are summed over the ranks, so every rank folds the same scales."""
     why = equalize.supported(layer)
     if why is not None:
         raise InputError(f"--equalize: decoder layer {i} has {why}; convert without --equalize")
@@ -94,7 +121,7 @@ def _equalize(layer: torch.nn.Module, i: int, targets: list[Target], xs: list[to
             layer(x, **kw)
 
     enc = {t.module: (t.qtype, t.importance) for t in targets}
-    scales, reports = equalize.choose(layer, run, enc, n_heads, n_kv)
+    scales, reports = equalize.choose(layer, run, enc, n_heads, n_kv, world)
     equalize.fold(layer, scales, n_heads, n_kv)
     moved = []
     for t in targets:
@@ -164,9 +191,19 @@ def realign_model(finetuned: str | Path, plan, probes: ProbeSet, settings: Reali
                   harmful: str | Path = "builtin:harmful", benign: str | Path = "builtin:benign",
                   importance: dict[str, np.ndarray] | None = None, checkpoint_dir: str | Path | None = None,
                   report: Report | None = None, device: str = "cpu",
-                  report_equalize: Callable[[int, list], None] | None = None) -> dict[str, np.ndarray]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+                  report_equalize: Callable[[int, list], None] | None = None, offload_dir: str | Path | None = None,
+                  source: SourceFactory | None = None, world: dist.World | None = None) -> Mapping[str, np.ndarray]:
+    """Every decoder layer realigned in turn; only the current layer's weights and activation streams are held
+    (offload_dir: the streams live in files there). source: where layers and activations come from (default:
+    read layer by layer; the tests pass the whole-model oracle). Returns the packed GGUF bytes per tensor, read
+    from the per-layer checkpoints on access (so they must stay until the file is written).
+    world (dist.py): each rank captures, equalizes, calibrates and propagates its shard of the prompts
+    (equalize.choose and realign_layer sum what they need) and ends every layer with the same blocks; rank 0 alone
+    reads and writes the checkpoints (a resumed layer is sent to the others) and returns the packed bytes, the
+    other ranks an empty mapping (the file is rank 0's to write)."""
+    from transformers import AutoTokenizer
 
+    world = world or dist.single()
     importance = importance or {}
     check_compatible(probes.meta, model_signature(finetuned), "the probes' model", str(finetuned))
     harm = load_prompts(harmful, limit=settings.n_harmful, expect_label=1)
@@ -179,26 +216,37 @@ def realign_model(finetuned: str | Path, plan, probes: ProbeSet, settings: Reali
                       "harmful": [p.text for p in harm], "benign": [p.text for p in ben],
                       "settings": asdict(settings), "types": {t.source.name: t.qtype.name for t in plan.tensors},
                       "importance": sorted(importance)})
-    ckpt = Checkpoints(checkpoint_dir or default_checkpoint_dir(plan), fp)
+    ckpt = Checkpoints(checkpoint_dir or default_checkpoint_dir(plan), fp) if world.is_main else None
 
-    model = AutoModelForCausalLM.from_pretrained(finetuned, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(finetuned)
-    ids_b = [chat_ids(tok, p.text, settings.max_tokens) for p in ben]
-    ids_h = [chat_ids(tok, p.text, settings.max_tokens) for p in harm]
-    cache = capture(model, ids_b + ids_h, _quantized_embedding(plan, importance, device))
+    ids_b = [chat_ids(tok, p.text, settings.max_tokens) for p in dist.shard(world, ben)]
+    ids_h = [chat_ids(tok, p.text, settings.max_tokens) for p in dist.shard(world, harm)]
     nb = len(ids_b)
-    layers = decoder_layers(model)
+    rows = token_rows(ids_b + ids_h)
+    with Store(offload_dir) as store:
+        src = (source or LayerwiseSource)(Path(finetuned), plan.family, ids_b + ids_h, nb, rows,
+                                          _quantized_embedding(plan, importance, rows, device), store)
+        return _realign_layers(src, store, plan, probes, probed, settings, importance, ckpt, nb, report, device,
+                               report_equalize, world)
+
+
+def _realign_layers(src: Activations, store: Store, plan, probes: ProbeSet, probed: frozenset[int],  # noqa: ANN001, PLR0913
+                    settings: RealignSettings, importance: dict[str, np.ndarray], ckpt: Checkpoints | None, nb: int,
+                    report: Report | None, device: str, report_equalize: Callable[[int, list], None] | None,
+                    world: dist.World) -> Mapping[str, np.ndarray]:
     planned = {t.source.name: t.qtype.name for t in plan.tensors}
-    n_heads = int(model.config.num_attention_heads)
-    n_kv = int(getattr(model.config, "num_key_value_heads", None) or n_heads)
-    xq = cache.q0
-    out: dict[str, np.ndarray] = {}
-    for i, layer in enumerate(layers):
+    n_heads = int(src.config.num_attention_heads)
+    n_kv = int(getattr(src.config, "num_key_value_heads", None) or n_heads)
+    xq: Sequence[torch.Tensor] = src.q0
+    where: dict[str, int] = {}  # realigned tensor -> its layer's checkpoint
+    for i in range(src.n_layers):
+        layer = src.layer(i)
+        yb = src.fp_outputs(i, layer)  # with the fine-tuned weights, before equalization or a checkpoint's norms
         layer.to(device)
         targets = _targets(plan, i, importance)
-        kw = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in d.items()} for d in cache.kwargs[i]]
-        if ckpt.done(i):
-            packed, stats_d = ckpt.load(i)
+        kw = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in d.items()} for d in src.kwargs(i)]
+        if _resumable(world, ckpt, i):
+            packed, stats_d = _load_layer(world, ckpt, i)
             _load_extras(layer, i, packed)
             cols = {t.module: layer.get_submodule(t.module).weight.shape[1] for t in targets}
             hard = {k: v.to(device) for k, v in _hard_from_packed(targets, packed, cols).items()}
@@ -206,9 +254,9 @@ def realign_model(finetuned: str | Path, plan, probes: ProbeSet, settings: Reali
             resumed = True
         else:
             extras: dict[str, np.ndarray] = {}
-            xb = [x.to(device) for x in xq[:nb]]
+            xb = on_device(xq[:nb], device)
             if settings.equalize:
-                targets, extras, eq_reports = _equalize(layer, i, targets, xb, kw[:nb], n_heads, n_kv)
+                targets, extras, eq_reports = _equalize(layer, i, targets, xb, kw[:nb], n_heads, n_kv, world)
                 if report_equalize:
                     report_equalize(i, eq_reports)
             score = (lambda h, i=i: probes.score(i, h)) if i in probed else None
@@ -216,21 +264,51 @@ def realign_model(finetuned: str | Path, plan, probes: ProbeSet, settings: Reali
             ceiling = (settings.benign_ceiling if settings.benign_ceiling is not None
                        else -settings.margin if settings.margin is not None else float(probes.target_benign[i]))
             packed, hard, stats = realign_layer(
-                layer, targets,
-                (xb, [y.to(device) for y in cache.fp[i + 1][:nb]], kw[:nb]),
-                ([x.to(device) for x in xq[nb:]], kw[nb:]), score, margin, ceiling, settings, i)
+                layer, targets, (xb, on_device(yb[:nb], device), kw[:nb]),
+                (on_device(xq[nb:], device), kw[nb:]), score, margin, ceiling, settings, i,
+                **({"world": world} if world.size > 1 else {}))  # a single process: the plain call
             for name in extras:  # an internal invariant: norms and biases are written as F32
                 if planned.get(name) != "F32":
                     raise AssertionError(f"{name}: equalization rescaled it but the plan writes it as {planned.get(name)}")
             packed.update(extras)
-            ckpt.save(i, packed, stats)
+            if ckpt is not None:
+                ckpt.save(i, packed, stats)
             resumed = False
-        out.update(packed)
-        xq = [x.cpu() for x in propagate(layer, hard, [x.to(device) for x in xq], kw)]
+        where.update(dict.fromkeys(packed, i))
+        del packed
+        nxt = store.stream(f"xq{i + 1}")
+        for k in range(0, len(xq), PROPAGATE_CHUNK):  # the chunks propagate() makes of the whole list
+            part = on_device(xq[k : k + PROPAGATE_CHUNK], device)
+            for y in propagate(layer, hard, part, kw[k : k + PROPAGATE_CHUNK], size=PROPAGATE_CHUNK):
+                nxt.append(y.cpu())
+        if isinstance(xq, Stream):
+            xq.drop()
+        xq = nxt
         layer.to("cpu")
+        src.release(i)
         if report:
-            report(i, len(layers), stats, resumed)
-    return out
+            report(i, src.n_layers, stats, resumed)
+    return PackedLayers(ckpt, where) if ckpt is not None else {}
+
+
+def _resumable(world: dist.World, ckpt: Checkpoints | None, i: int) -> bool:
+    """Whether layer i is checkpointed: rank 0's directory decides for every rank (the others, perhaps on other
+    nodes, never look at it)."""
+    done = ckpt is not None and ckpt.done(i)
+    if world.size == 1:
+        return done
+    return dist.broadcast_bytes(world, b"1" if done else b"0", what="checking the checkpoints") == b"1"
+
+
+def _load_layer(world: dist.World, ckpt: Checkpoints | None, i: int) -> tuple[dict[str, np.ndarray], dict]:
+    """A checkpointed layer's packed bytes and stats: read by rank 0, sent to the others."""
+    if world.size == 1:
+        return ckpt.load(i)  # type: ignore[union-attr]
+    packed, stats = ckpt.load(i) if ckpt is not None else (None, None)
+    what = f"receiving checkpointed layer {i}"
+    arrays = dist.broadcast_arrays(world, packed, what=what)
+    text = dist.broadcast_bytes(world, json.dumps(stats).encode() if stats is not None else None, what=what)
+    return arrays, json.loads(text)
 
 
 # -- the two calls of api.convert_model: check everything first, then do the long work ---------------------------
@@ -248,8 +326,10 @@ def check_finite_weights(plan) -> None:  # noqa: ANN001 - convert.Plan
         load_checked(t)
 
 
-def prepare_realign(opts: RealignOptions, finetuned: Path, plan, device: str) -> ProbeSet | None:  # noqa: ANN001
-    """Validate every realignment input; returns loaded probes (None when they will be fit on opts.aligned)."""
+def prepare_realign(opts: RealignOptions, finetuned: Path, plan, device: str,  # noqa: ANN001
+                    ranks: int = 1) -> ProbeSet | None:
+    """Validate every realignment input; returns loaded probes (None when they will be fit on opts.aligned).
+    ranks: the processes of a data-parallel job, each of which needs at least one prompt of each kind."""
     opts.check_numbers()
     if opts.aligned is not None and opts.probes is not None:
         raise InputError("give either --aligned or --probes, not both")
@@ -260,6 +340,7 @@ def prepare_realign(opts: RealignOptions, finetuned: Path, plan, device: str) ->
     if not 0 < opts.lr <= 0.5:
         raise InputError(f"--realign-lr {opts.lr} is out of range: give a step in code units in (0, 0.5], e.g. 5e-3")
     resolve_device(device, "torch")
+    opts.check_offload_dir()
     if opts.probe_kind not in ("content", "contrast"):
         raise InputError(f"--probe-kind {opts.probe_kind!r}: use content or contrast")
     if opts.probe_kind == "contrast" and opts.aligned is None:
@@ -272,8 +353,11 @@ def prepare_realign(opts: RealignOptions, finetuned: Path, plan, device: str) ->
         raise InputError(f"--outtype {plan.outtype} has no quantized blocks to realign; choose e.g. Q8_0 or Q4_K_M")
     mine = model_signature(finetuned)
     parse_layers(opts.probe_layers, int(mine["num_hidden_layers"]))
-    load_prompts(opts.harmful, expect_label=1)  # whole files: a bad line 400 must not surface hours later
-    load_prompts(opts.benign, expect_label=0)
+    harm = load_prompts(opts.harmful, expect_label=1)  # whole files: a bad line 400 must not surface hours later
+    ben = load_prompts(opts.benign, expect_label=0)
+    if min(opts.samples, len(harm), len(ben)) < ranks:  # a rank without prompts would have nothing to add
+        raise InputError(f"--realign-samples {opts.samples} with {len(harm)} harmful and {len(ben)} benign prompts "
+                         f"leaves some of the {ranks} ranks without a prompt; give every rank at least one of each")
     check_finite_weights(plan)
     if opts.aligned is not None:
         check_compatible(model_signature(opts.aligned), mine, f"aligned model {opts.aligned}", str(finetuned))
@@ -285,19 +369,25 @@ def prepare_realign(opts: RealignOptions, finetuned: Path, plan, device: str) ->
 
 def run_realign(opts: RealignOptions, finetuned: Path, plan, probes: ProbeSet | None, *,  # noqa: ANN001
                 importance: dict[str, np.ndarray] | None, threads: int, device: str,
-                log: Log | None = None) -> tuple[dict[str, np.ndarray], dict[str, object]]:
+                log: Log | None = None, world: dist.World | None = None) -> tuple[Mapping[str, np.ndarray], dict[str, object]]:
     """The long work: probes (fit on opts.aligned when not given), then every layer. Returns the packed GGUF bytes
-    per tensor and the qrealign.* provenance of the run."""
+    per tensor and the qrealign.* provenance of the run. world: a data-parallel job (dist.py): every rank calls
+    this, rank 0 gets the packed bytes (realign_model); only rank 0 should be given `log`."""
     from .probes import probe_model
 
     say = log or (lambda _msg: None)
+    shared = {"world": world} if world is not None and world.size > 1 else {}  # a single process: the plain calls
     if threads > 0:  # torch's OpenMP threads spin: next to another job, layers once ran ~10x slower here
         torch.set_num_threads(threads)
     if probes is None:
         probes = probe_model(opts.aligned, opts.harmful, opts.benign, console=as_console(log),
-                             contrast=finetuned if opts.probe_kind == "contrast" else None)
+                             contrast=finetuned if opts.probe_kind == "contrast" else None,
+                             offload_dir=opts.offload_dir, **shared)
         say(f"probes: {len(probes.reliable)}/{probes.n_layers} layers reliable "
             f"(held-out accuracy {probes.heldout_acc.min():.2f}..{probes.heldout_acc.max():.2f})")
+    if shared:  # fit from the same gathered states or loaded from one path; a rank with other probes would mix jobs
+        dist.check_identical(world, "the probes", b"".join(t.numpy().tobytes() for t in (
+            probes.mean, probes.std, probes.w, probes.b, probes.target, probes.target_benign)))
 
     def report(i: int, n: int, s: LayerStats, resumed: bool) -> None:
         tag = "checkpoint" if resumed else f"{s.seconds:.0f}s"
@@ -313,7 +403,8 @@ def run_realign(opts: RealignOptions, finetuned: Path, plan, probes: ProbeSet | 
 
     packed = realign_model(finetuned, plan, probes, settings_of(opts), opts.harmful, opts.benign,
                            importance=importance, checkpoint_dir=opts.checkpoints, report=report,
-                           device=resolve_device(device, "torch"), report_equalize=report_eq)
+                           device=resolve_device(device, "torch"), report_equalize=report_eq,
+                           offload_dir=opts.offload_dir, **shared)
     provenance = {"realigned": True, "realign_iters": opts.iters, "realign_lr": opts.lr,
                   "realign_harm_weight": opts.harm_weight,
                   "realign_margin": "aligned" if opts.margin is None else opts.margin,

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..dist import World
 from ..errors import InputError
 
 FORMAT = "qrealign-probes-v3"
@@ -190,13 +191,18 @@ def _fit(states: torch.Tensor, labels: torch.Tensor, tr: torch.Tensor, te: torch
 
 def probe_model(model_dir: str | Path, harmful: str | Path, benign: str | Path, n_per_class: int = 256,
                 min_acc: float = 0.9, seed: int = 0, console=None,  # noqa: ANN001
-                contrast: str | Path | None = None) -> ProbeSet:
-    """Load the aligned model, collect last-token states for both prompt sets, fit and return the probes.
-    contrast = the fine-tuned model: refusal-state probes (fit_contrast_probes) instead of content probes."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+                contrast: str | Path | None = None, offload_dir: str | Path | None = None,
+                world: World | None = None) -> ProbeSet:
+    """Collect the aligned model's last-token states for both prompt sets (layer by layer: memory of one decoder
+    layer, activations in files under offload_dir when given), fit and return the probes.
+    contrast = the fine-tuned model: refusal-state probes (fit_contrast_probes) instead of content probes.
+    world (dist.py): each rank runs its shard of the prompts and the states are gathered back in prompt order, so
+    every rank fits the same matrix (the fit itself is cheap and runs on every rank)."""
+    from transformers import AutoTokenizer
 
+    from .. import dist
     from ..prompts import load_prompts
-    from .hidden import check_compatible, last_token_states, model_signature, template_fingerprint
+    from .hidden import check_compatible, layerwise_last_token_states, model_signature, template_fingerprint
 
     harm = load_prompts(harmful, limit=n_per_class, expect_label=1)
     ben = load_prompts(benign, limit=n_per_class, expect_label=0)
@@ -205,14 +211,15 @@ def probe_model(model_dir: str | Path, harmful: str | Path, benign: str | Path, 
         check_compatible(sig, model_signature(contrast), f"aligned model {model_dir}", f"contrast model {contrast}")
 
     def collect(d: str | Path, prompts: list) -> tuple[torch.Tensor, str]:
-        model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
         tok = AutoTokenizer.from_pretrained(d)
 
         def tick(i: int, n: int) -> None:
-            if console and i % 32 == 0:
-                console.print(f"probe states ({Path(d).name}): {i}/{n}", highlight=False)
+            if console:
+                console.print(f"probe states ({Path(d).name}, {len(prompts)} prompts): layer {i}/{n}", highlight=False)
 
-        return last_token_states(model, tok, prompts, progress=tick), template_fingerprint(tok)
+        w = world or dist.single()
+        states = layerwise_last_token_states(d, tok, dist.shard(w, prompts), progress=tick, offload_dir=offload_dir)
+        return dist.unshard(w, states, len(prompts), "gathering the probe states"), template_fingerprint(tok)
 
     # contrast probes need the aligned model on harmful prompts only, the fine-tuned one on both kinds
     states, template = collect(model_dir, harm + ben if contrast is None else harm)
