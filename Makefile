@@ -120,3 +120,33 @@ experiment: testbed
 
 clean:
 	rm -rf build *.egg-info qrealign_gguf/_native* qrealign_gguf/_cuda .pytest_cache $(VENV)/.cuda
+
+# ---- edge devices (64-bit ARM Linux): cross compiler and qemu from apt, static llama.cpp, checks under qemu ------
+EDGE_APT := g++-aarch64-linux-gnu qemu-user
+.PHONY: edge-setup llama-edge llama-static-host edge-check
+
+# Debian/Ubuntu's ARM cross compiler and qemu-user (as root, like CI); elsewhere one line, and the ARM tests skip
+edge-setup:
+	@if ! command -v aarch64-linux-gnu-g++ >/dev/null || ! command -v qemu-aarch64 >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get install -y -qq $(EDGE_APT) >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq $(EDGE_APT) >/dev/null); \
+	  else echo "edge-setup: skipped: install $(EDGE_APT) (apt) for the ARM checks"; fi; fi
+
+# static patched llama.cpp for linux-aarch64 (armv8.2-a+dotprod): what the ARM checks run under qemu and what
+# `package --target linux-aarch64` bundles for QR files (~15 min the first time, cached like `make llama`)
+llama-edge: $(VENV)/.deps edge-setup
+	@if command -v aarch64-linux-gnu-g++ >/dev/null; then \
+	  PYTHON=$(VPY) bash tools/build/build_llama_static.sh patched linux-aarch64 >/dev/null; fi
+
+# static stock llama.cpp for this machine: what `package --target host` bundles for standard-type files
+llama-static-host: $(VENV)/.deps
+	PYTHON=$(VPY) bash tools/build/build_llama_static.sh stock host >/dev/null
+
+# make test runs the quick ARM checks too (tests/test_edge.py, tests/test_package_target.py): their set-up
+test: edge-setup llama-edge
+
+# every ARM check under qemu-aarch64 (tests/test_edge.py, tests/test_package_target.py), including the slow ones:
+# Qwen2.5-Coder-0.5B as QR4_K_M, bundled for linux-aarch64, answering a prompt as the x86 build does
+edge-check: install llama-patched llama-edge llama-static-host
+	$(VPY) -m tools.data.fetch_model qwen05 >/dev/null
+	QREALIGN_EDGE_FULL=1 $(VPY) -m pytest -q -s tests/test_edge.py tests/test_package_target.py $(PYTEST_ARGS)
