@@ -32,6 +32,12 @@ case "$TARGET" in
     FLAGS="$FLAGS -DCMAKE_TOOLCHAIN_FILE=$toolchain -DGGML_CPU_ARM_ARCH=$ARM_ARCH" ;;
   *) echo "usage: $0 stock|patched host|linux-aarch64 [--check]" >&2; exit 2 ;;
 esac
+# the patched ARM build also carries ggml's test-backend-ops: `make edge-check` runs it under qemu for the custom
+# types (patch 0007 makes its CPU-vs-reference-CPU mode compare the NEON kernel with the generic one)
+if [ "$FLAVOUR" = patched ] && [ "$TARGET" = linux-aarch64 ]; then
+  TARGETS="$TARGETS test-backend-ops"
+  FLAGS=${FLAGS/-DLLAMA_BUILD_TESTS=OFF/-DLLAMA_BUILD_TESTS=ON}
+fi
 if ! command -v "$CXX" >/dev/null; then
   echo "no $CXX for the $TARGET build: install it (Debian/Ubuntu: apt-get install g++-aarch64-linux-gnu, or make edge-setup)" >&2
   exit 2
@@ -39,7 +45,8 @@ fi
 
 patches=""
 if [ "$FLAVOUR" = patched ]; then patches=$(ls "$ROOT"/native/llama_patches/*.patch 2>/dev/null || true); fi
-key=$( { echo "$VERSION $FLAVOUR $TARGET $FLAGS $TARGETS"; "$CXX" --version | head -1;
+# the key names the toolchain file by its content (below), not its path: every checkout shares one cached build
+key=$( { echo "$VERSION $FLAVOUR $TARGET ${FLAGS//$ROOT\//} $TARGETS"; "$CXX" --version | head -1;
          if [ -n "$toolchain" ]; then cat "$toolchain"; fi; for p in $patches; do cat "$p"; done; } | sha256sum | cut -c1-16)
 prefix="$CACHE/llama.cpp/$VERSION-$FLAVOUR-$TARGET-static-$key"
 if [ -x "$prefix/bin/llama-completion" ] && [ -f "$prefix/.complete" ]; then echo "$prefix"; exit 0; fi
@@ -72,7 +79,7 @@ for t in $TARGETS; do cp "$build/bin/$t" "$prefix/bin/"; done
 find "$build" -name 'libggml*.a' -exec cp {} "$prefix/lib/" \;
 cp -r "$lsrc/ggml/include" "$prefix/include"
 # what a check needs to say which machine code it ran: the compiler and flags of this build
-{ echo "target=$TARGET"; echo "flavour=$FLAVOUR"; echo "cxx=$("$CXX" --version | head -1)"; echo "flags=$FLAGS";
+{ echo "target=$TARGET"; echo "flavour=$FLAVOUR"; echo "cxx=$("$CXX" --version | head -1)"; echo "flags=${FLAGS//$ROOT\//}";
   if [ "$TARGET" = linux-aarch64 ]; then echo "arm_arch=$ARM_ARCH"; fi; } > "$prefix/BUILDINFO"
 touch "$prefix/.complete"
 rm -rf "$src"
