@@ -26,6 +26,14 @@ FULL = os.environ.get("QREALIGN_EDGE_FULL") == "1"  # make edge-check: the slow 
 FULL_REASON = "slow under qemu: `make edge-check` runs it (QREALIGN_EDGE_FULL=1)"
 
 
+def require_cross_tools() -> None:
+    """Skip (saying what to install) without the ARM cross compiler or qemu-aarch64."""
+    missing = [t for t in (CROSS_CC, "qemu-aarch64") if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (Debian: apt-get install g++-aarch64-linux-gnu qemu-user; "
+                    "`make edge-setup`)")
+
+
 def static_build(flavour: str, target_name: str) -> Path:
     """Prefix of the static build (bin/, lib/libggml*.a, include/), or a skip saying how to get it."""
     if target_name == "linux-aarch64" and shutil.which("qemu-aarch64") is None:

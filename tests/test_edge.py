@@ -21,10 +21,9 @@ import pytest
 from qrealign_gguf.convert import ConvertOptions, convert
 from qrealign_gguf.formats import codec
 from qrealign_gguf.formats.types import qtype
-from qrealign_gguf.llamacpp import LlamaNotFound, find_llama
 
 from conftest import adversarial_rows
-from edge import FULL, FULL_REASON, QEMU, cross_link, qemu, static_build
+from edge import FULL, FULL_REASON, QEMU, CROSS_CC, cross_link, qemu, require_cross_tools, static_build
 from test_qr5k128_llama import _dot_error, _dot_terms, _wrong_kernels
 from tiny_models import make_tiny_llama
 
@@ -38,6 +37,49 @@ N_RANDOM = 6  # the last rows of _inputs: heavy-tailed weights, activations from
 GGML_CPU_CFLAGS = ["-O3", "-DNDEBUG", "-std=gnu11", "-DGGML_SCHED_MAX_COPIES=4", "-DGGML_USE_CPU_REPACK",
                    "-DGGML_USE_LLAMAFILE", "-D_GNU_SOURCE", "-D_XOPEN_SOURCE=600"]
 
+
+# ---- quick (make test): our codec alone, cross-compiled and run under qemu; no llama.cpp build needed -------------
+
+CODEC_CHECK_SRC = ROOT / "tests" / "native" / "edge_codec_check.c"
+CODEC_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "QR4_KO",
+               "QR5_K128")
+CODEC_N = 512  # a multiple of every block size (32, 128, 256)
+
+
+@pytest.fixture(scope="module")
+def codec_checker(tmp_path_factory) -> Path:
+    require_cross_tools()
+    out = tmp_path_factory.mktemp("edge_codec") / "edge_codec_check"
+    # the codec's own flags (native/build_ffi.py): no fused multiply-add, so its floats match the x86 build's
+    cmd = [CROSS_CC, "-O3", "-std=gnu11", "-pthread", "-ffp-contract=off", "-fno-fast-math", "-static",
+           f"-I{ROOT / 'native'}", str(CODEC_CHECK_SRC), *map(str, CODEC_SRC), "-o", str(out), "-lm"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("name", CODEC_TYPES)
+def test_codec_bytes_on_aarch64_quick(codec_checker, name) -> None:
+    """Our C codec compiled for aarch64 writes, under qemu-aarch64, the bytes it writes on this machine (ggml's hard
+    rows and heavy-tailed ones, with and without an imatrix) and decodes them to bit-identical floats: a file
+    converted on an ARM host (a Mac, a Pi) is the same file."""
+    t = qtype(name)
+    rng = np.random.default_rng(7)
+    heavy = (rng.standard_t(3, (4, CODEC_N)) * 0.05).astype(np.float32)
+    x = np.ascontiguousarray(np.vstack([adversarial_rows(CODEC_N, rng), heavy]), dtype=np.float32)
+    im = rng.uniform(0.1, 5, CODEC_N).astype(np.float32)
+    r = qemu([codec_checker, t.id, len(x), CODEC_N], timeout=600, input=x.tobytes() + im.tobytes())
+    assert r.returncode == 0, r.stderr.decode(errors="replace")[-2000:]
+    want, want_i = codec.quantize(x, t), codec.quantize(x, t, imatrix=im)
+    assert len(r.stdout) == 2 * want.nbytes + 4 * x.size
+    got = np.frombuffer(r.stdout, np.uint8)
+    np.testing.assert_array_equal(got[:want.nbytes], want.ravel())
+    np.testing.assert_array_equal(got[want.nbytes:2 * want.nbytes], want_i.ravel())
+    deq = got[2 * want.nbytes:].view(np.uint32)
+    np.testing.assert_array_equal(deq, codec.dequantize(want, t, CODEC_N).view(np.uint32).ravel())
+
+
+# ---- the static patched llama.cpp for linux-aarch64 (edge-check; make test when its build is cached) --------------
 
 @pytest.fixture(scope="module")
 def cross() -> Path:
@@ -198,6 +240,29 @@ def test_broken_neon_kernel_fails_the_check(cross, arm_quants, tmp_path, bug) ->
     assert max(_dot_errors(d["dotg"], d["q"], d["yq"])) <= 1  # the generic kernel in the same program is fine
 
 
+# ---- ggml's own op tests on aarch64 -----------------------------------------------------------------------------
+
+def _backend_ops(cross: Path, type_name: str) -> tuple[str, list[str]]:
+    """test-backend-ops (built with the patched ARM programs) in test mode on the CPU backend, every op case whose
+    parameters name the type; returns the output and the names of the cases that passed."""
+    exe = cross / "bin" / "test-backend-ops"
+    if not exe.is_file():
+        pytest.skip(f"{cross} has no test-backend-ops (rebuild: bash tools/build/build_llama_static.sh patched linux-aarch64)")
+    r = qemu([exe, "test", "-b", "CPU", "-p", type_name], timeout=3000)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", r.stdout.decode(errors="replace") + r.stderr.decode(errors="replace"))
+    assert r.returncode == 0 and "FAIL" not in text, text[-4000:]
+    return text, re.findall(r"^\s*([A-Z_]+\([^)]*" + type_name + r"[^)]*\)): OK$", text, re.M)
+
+
+@pytest.mark.skipif(not FULL, reason=FULL_REASON)
+def test_backend_ops_qr5_k128_on_aarch64(cross) -> None:
+    """ggml's test-backend-ops for QR5_K128 under qemu: patch 0007 makes its reference CPU backend take the generic C
+    dot, so every MUL_MAT case compares the NEON (sdot) kernel with it (ggml's NMSE bound), on ggml's own shapes."""
+    text, ok = _backend_ops(cross, "qr5_k128")
+    print(f"test-backend-ops -b CPU -p qr5_k128 under qemu: {len(ok)} MUL_MAT cases OK; {text.strip().splitlines()[-2:]}")
+    assert sum(c.startswith("MUL_MAT(") for c in ok) >= 10, text[-4000:]
+
+
 # ---- llama.cpp on aarch64 --------------------------------------------------------------------------------------
 
 TEXT = ("The quick brown fox jumps over the lazy dog, then naps under the old oak tree. " * 3
@@ -206,19 +271,19 @@ TEXT = ("The quick brown fox jumps over the lazy dog, then naps under the old oa
 
 
 def _aarch64_vs_x86(cross: Path, gguf: Path, tmp: Path, n_ctx: int) -> dict[str, float]:
-    """llama-perplexity of the file on TEXT: the x86 patched build stores its logits, the aarch64 build under qemu
-    compares its own with them (KLD x86 || aarch64, how often the top token agrees)."""
-    from qrealign_gguf.evaluate.metrics import kld_base, parse_perplexity_output
+    """llama-perplexity of the file on TEXT: the static x86 patched build (the host bundle's) stores its logits, the
+    aarch64 build under qemu compares its own with them (KLD x86 || aarch64, how often the top token agrees)."""
+    from qrealign_gguf.evaluate.metrics import parse_perplexity_output
 
-    try:
-        x86 = find_llama("patched", build=False)
-    except LlamaNotFound as e:
-        pytest.skip(f"x86 patched llama.cpp not built ({e})")
+    x86 = static_build("patched", "host")
     (tmp / "text.txt").write_text(TEXT)
     base = tmp / "x86.kld"
-    kld_base(gguf, tmp / "text.txt", base, n_ctx, threads=2, build=x86)
-    r = qemu([cross / "bin" / "llama-perplexity", "-m", gguf, "--kl-divergence-base", base, "--kl-divergence",
-              "-c", n_ctx, "-b", n_ctx, "-t", 2], timeout=1800)
+    ctx = ["-c", str(n_ctx), "-b", str(n_ctx), "-t", "2"]
+    r = subprocess.run([str(x86 / "bin" / "llama-perplexity"), "-m", str(gguf), "-f", str(tmp / "text.txt"),
+                        "--kl-divergence-base", str(base), *ctx], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and base.is_file(), r.stderr[-3000:]
+    r = qemu([cross / "bin" / "llama-perplexity", "-m", gguf, "--kl-divergence-base", base, "--kl-divergence", *ctx],
+             timeout=1800)
     text = r.stdout.decode(errors="replace") + r.stderr.decode(errors="replace")
     assert r.returncode == 0, text[-3000:]
     vals = parse_perplexity_output(text)
@@ -253,10 +318,7 @@ def test_real_model_answers_on_aarch64(cross, tmp_path) -> None:
     from qrealign_gguf.api import package_model
     from tools.data.fetch_model import fetch_hf
 
-    try:
-        x86 = find_llama("patched", build=False)
-    except LlamaNotFound as e:
-        pytest.skip(f"x86 patched llama.cpp not built ({e})")
+    x86 = static_build("patched", "host")
     gguf = tmp_path / "qwen05-QR4_K_M.qrealign.gguf"
     convert(fetch_hf("qwen05"), gguf, ConvertOptions(outtype="QR4_K_M"))
     bundle = package_model(gguf, tmp_path / "qwen.tar", target="linux-aarch64")
@@ -269,8 +331,8 @@ def test_real_model_answers_on_aarch64(cross, tmp_path) -> None:
     r = subprocess.run(["./run.sh", prompt, *opts], cwd=stem, capture_output=True, text=True, timeout=1800,
                        env={**os.environ, "EMULATOR": " ".join(QEMU)})
     assert r.returncode == 0, r.stderr[-3000:]
-    want = subprocess.run([str(x86.bin("llama-completion")), "-m", str(gguf), "-cnv", "-st", "-p", prompt, "--temp", "0",
-                           "--no-display-prompt", *opts], capture_output=True, text=True, timeout=600, env=x86.env())
+    want = subprocess.run([str(x86 / "bin" / "llama-completion"), "-m", str(gguf), "-cnv", "-st", "-p", prompt,
+                           "--temp", "0", "--no-display-prompt", *opts], capture_output=True, text=True, timeout=600)
     print(f"aarch64 answer: {r.stdout.strip()!r}; x86 answer: {want.stdout.strip()!r}")
     assert "Paris" in r.stdout and r.stdout.strip() == want.stdout.strip()
     v = _aarch64_vs_x86(cross, gguf, tmp_path, 64)
