@@ -151,17 +151,15 @@ def test_neon_dotprod_kernel_is_compiled(cross, checker) -> None:
 
 
 def test_codec_bytes_on_aarch64(device_results) -> None:
-    """On aarch64, ggml's QR5_K128 encoder (patch 0005) and our C codec both write the bytes our codec writes on
-    this machine (with and without an imatrix), and both decoders give bit-identical floats: a file converted on
-    an ARM host is the same file."""
+    """On aarch64, next to ggml's library, our C codec writes the bytes it writes on this machine (with and without
+    an imatrix), and ggml's decoder (patch 0005's to_float) and ours give bit-identical floats from the same bytes:
+    a file converted on an ARM host is the same file, and the device reads it as x86 does."""
     x, im, _ = _inputs()
     d = device_results
     want, want_i = codec.quantize(x, T), codec.quantize(x, T, imatrix=im)
     np.testing.assert_array_equal(d["cq"], want)  # our codec, compiled for aarch64
     np.testing.assert_array_equal(d["cqi"], want_i)
-    np.testing.assert_array_equal(d["q"], want)  # ggml's encoder in the cross-built library
-    np.testing.assert_array_equal(d["qi"], want_i)
-    ref = codec.dequantize(want, T, N).view(np.uint32).ravel()
+    ref = codec.dequantize(d["q"], T, N).view(np.uint32).ravel()  # x86's decode of ggml's aarch64 bytes
     np.testing.assert_array_equal(d["cdeq"].view(np.uint32), ref)
     np.testing.assert_array_equal(d["deq"].view(np.uint32), ref)
 
@@ -238,6 +236,26 @@ def test_broken_neon_kernel_fails_the_check(cross, arm_quants, tmp_path, bug) ->
     errs = _dot_errors(d["dot"][-N_RANDOM:], d["q"][-N_RANDOM:], d["yq"][-N_RANDOM:])
     assert min(errs) > 1, errs  # every random row is caught, not just one
     assert max(_dot_errors(d["dotg"], d["q"], d["yq"])) <= 1  # the generic kernel in the same program is fine
+
+
+def test_ggml_encoder_on_aarch64_without_fma_contraction(cross, arm_quants, device_results, tmp_path) -> None:
+    """ggml's own QR5_K128 encoder (patch 0005, ggml-quants.c) on aarch64 writes our bytes once compiled without
+    floating-point contraction. As llama.cpp builds it there it need not: GCC fuses a*b+c into fmadd by default
+    where FMA is baseline (aarch64; x86's ggml-base gets no FMA flags), and the scale search then rounds
+    differently (measured: ~3 % of the bytes). So an ARM llama-quantize writes other bytes than x86's; our codec
+    (-ffp-contract=off) does not, and the bundles never quantize on the device."""
+    ggml = arm_quants.parents[3]
+    obj = tmp_path / "ggml-quants.o"
+    r = subprocess.run(["aarch64-linux-gnu-gcc", *GGML_CPU_CFLAGS, "-ffp-contract=off", f"-I{ggml}",
+                        f"-I{ggml.parent / 'include'}", "-c", str(ggml / "ggml-quants.c"), "-o", str(obj)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = _run_checker(cross_link(tmp_path / "nofma", cross, [obj, CHECK_SRC, *CODEC_SRC]), *_inputs())
+    x, im, _ = _inputs()
+    np.testing.assert_array_equal(d["q"], codec.quantize(x, T))
+    np.testing.assert_array_equal(d["qi"], codec.quantize(x, T, imatrix=im))
+    as_built = float(np.mean(device_results["q"] != d["q"]))
+    print(f"ggml's QR5_K128 encoder on aarch64 as built (FMA contraction): {as_built:.2%} of the bytes differ")
 
 
 # ---- ggml's own op tests on aarch64 -----------------------------------------------------------------------------
