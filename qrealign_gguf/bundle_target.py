@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .llamacpp import static
+from .progress import Log
 
 BINARIES = ("llama-completion",)
 
@@ -37,10 +38,17 @@ def check_target(name: str) -> static.Target:
     return t
 
 
-def device_runtime(t: static.Target, custom_types: bool) -> DeviceRuntime:
-    """The static llama.cpp for the target (built on first use: ~15 min on 2 cores)."""
+def device_runtime(t: static.Target, custom_types: bool, log: Log | None = None) -> DeviceRuntime:
+    """The static llama.cpp for the target, built on first use (minutes: said through `log` first, so a quiet
+    terminal does not look hung)."""
     flavour = "patched" if custom_types else "stock"
-    prefix = static.static_prefix(flavour, t)
+    try:
+        prefix = static.static_prefix(flavour, t, build=False)
+    except FileNotFoundError:
+        if log is not None:
+            log(f"building llama.cpp ({flavour}, static) for {t.name} once; it is cached for the next bundle "
+                f"(~{static.BUILD_MINUTES} min on 2 cores)")
+        prefix = static.static_prefix(flavour, t)
     info = {}
     if (prefix / "BUILDINFO").is_file():
         info = dict(ln.split("=", 1) for ln in (prefix / "BUILDINFO").read_text().splitlines() if "=" in ln)
@@ -83,7 +91,12 @@ if [ $# -eq 0 ]; then
 fi
 prompt=$1
 shift
-exec ${{EMULATOR:-}} "$here/bin/llama-completion" -m "$here/{gguf}" -cnv -st -p "$prompt" --temp 0 -n 256 \\
+# at most 256 tokens unless the options say otherwise (llama.cpp warns about a repeated -n)
+limit="-n 256"
+for arg in "$@"; do
+  case "$arg" in -n|--n-predict|--predict|-n=*|--n-predict=*|--predict=*) limit="" ;; esac
+done
+exec ${{EMULATOR:-}} "$here/bin/llama-completion" -m "$here/{gguf}" -cnv -st -p "$prompt" --temp 0 $limit \\
   --no-display-prompt{template} "$@"
 """
 

@@ -36,6 +36,7 @@ from . import __version__
 from .bundle_target import DeviceRuntime, card_lines, check_target, device_runtime, run_sh
 from .errors import InputError
 from .inspect import GGUFSummary, read_gguf_summary
+from .progress import Log
 
 REPO = Path(__file__).resolve().parent.parent
 LLAMA_PIN = "llama.cpp as vendored by llama-cpp-python 0.3.36 (PyPI sdist)"
@@ -276,7 +277,7 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mtime: int, mode: i
 
 
 def package(gguf_path: Path, output: Path | None = None, eval_report: Path | None = None,
-            force: bool = False, target: str | None = None) -> Path:
+            force: bool = False, target: str | None = None, log: Log | None = None) -> Path:
     """Write the bundle; returns its path. Inputs are checked before the (long) hashing starts. target ("host",
     "linux-aarch64"): also bundle llama.cpp built for that device and run.sh (the build may take ~15 min the first
     time; an unknown target or a missing compiler is an InputError before anything is read or written)."""
@@ -301,7 +302,7 @@ def package(gguf_path: Path, output: Path | None = None, eval_report: Path | Non
         raise InputError(f"{files[0].name} uses custom tensor types but {pdir} holds no llama.cpp patches; "
                          "reinstall qrealign-gguf")
 
-    runtime = device_runtime(device, bool(summary.custom_types)) if device is not None else None
+    runtime = device_runtime(device, bool(summary.custom_types), log) if device is not None else None
 
     digests = [sha256_file(f) for f in files]
     evaluation = (_eval_summary(report, Path(eval_report), files[0].name, digests)

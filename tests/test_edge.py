@@ -272,7 +272,6 @@ def _backend_ops(cross: Path, type_name: str) -> tuple[str, list[str]]:
     return text, re.findall(r"^\s*([A-Z_]+\([^)]*" + type_name + r"[^)]*\)): OK$", text, re.M)
 
 
-@pytest.mark.skipif(not FULL, reason=FULL_REASON)
 def test_backend_ops_qr5_k128_on_aarch64(cross) -> None:
     """ggml's test-backend-ops for QR5_K128 under qemu: patch 0007 makes its reference CPU backend take the generic C
     dot, so every MUL_MAT case compares the NEON (sdot) kernel with it (ggml's NMSE bound), on ggml's own shapes."""

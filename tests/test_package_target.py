@@ -3,13 +3,14 @@ for custom types) and a run.sh; unpacked into an empty directory it verifies wit
 prompt with nothing else installed -- on this machine (host), under qemu-aarch64 (linux-aarch64). Bad targets and a
 missing cross compiler fail in one line with nothing written.
 
-The running tests need the static builds (tests/edge.py): `make test` builds the linux-aarch64 one, `make
-edge-check` the host one too; otherwise they skip.
+The refusals run everywhere (`make test`); the bundles that answer need the static patched builds (tests/edge.py),
+which `make edge-check` makes (and `make test` uses when cached); otherwise they skip and say so.
 """
 from __future__ import annotations
 
 import json
 import os
+import platform
 import struct
 import subprocess
 import tarfile
@@ -85,19 +86,22 @@ def test_missing_cross_compiler_refused(models, tmp_path) -> None:
 
 
 def test_host_bundle_answers(models, tmp_path) -> None:
-    """A stock-type file for this machine: static stock llama.cpp, run.sh answers with a bare environment."""
-    prefix = static_build("stock", "host")
-    bundle = package_model(models["q8"], tmp_path / "host.tar", target="host")
+    """A QR5_K128 file for this machine: static patched llama.cpp; unpacked into an empty directory, run.sh answers
+    with a bare environment (no venv, no LD_LIBRARY_PATH, system PATH only)."""
+    prefix = static_build("patched", "host")
+    bundle = package_model(models["qr"], tmp_path / "host.tar", target="host")
     stem = _unpack(bundle, tmp_path / "device")
-    assert _elf(stem / "bin" / "llama-completion") == (EM_X86_64, True)
+    assert _elf(stem / "bin" / "llama-completion") == (EM_AARCH64 if platform.machine() == "aarch64" else EM_X86_64, True)
     assert (stem / "bin" / "llama-completion").read_bytes() == (prefix / "bin" / "llama-completion").read_bytes()
     prov = json.loads((stem / "provenance.json").read_text())
-    assert prov["target"]["name"] == "host" and prov["target"]["llama_cpp"] == "stock" and prov["custom_types"] == []
+    assert prov["target"]["name"] == "host" and prov["target"]["llama_cpp"] == "patched"
+    assert prov["custom_types"] == ["QR5_K128"]
     assert "./run.sh" in (stem / "README.md").read_text()
     r = subprocess.run(["./run.sh", "Hello", "-n", "8"], cwd=stem, capture_output=True, text=True, timeout=300,
                        env=_bare_env())
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip(), r.stderr[-3000:]  # the answer (a random tiny model: 8 tokens of noise)
+    # a stock llama.cpp would have refused the file ("invalid ggml type"): the bundled one is the patched build
 
 
 def test_aarch64_bundle_answers_under_qemu(models, tmp_path) -> None:
@@ -119,7 +123,8 @@ def test_aarch64_bundle_answers_under_qemu(models, tmp_path) -> None:
                        env=_bare_env(EMULATOR=" ".join(QEMU)))
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip(), r.stderr[-3000:]
-    assert "QR5_K128" in r.stderr or "qr5_k128" in r.stderr  # llama.cpp's loader listed the custom type
+    assert "NEON = 1" in r.stderr and "DOTPROD = 1" in r.stderr, r.stderr[-3000:]  # the ARM build's system_info
+    assert "DEPRECATED" not in r.stderr  # run.sh's default -n gave way to the one passed
     wrong = subprocess.run(["./run.sh", "Hello"], cwd=stem, capture_output=True, text=True, timeout=60, env=_bare_env())
     assert wrong.returncode == 2 and "built for aarch64" in wrong.stderr and len(wrong.stderr.splitlines()) == 1
 

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .common import out, run_guarded
+from .common import log, out, run_guarded
 
 
 def package(
@@ -23,7 +23,7 @@ def package(
     from ..api import package_model
 
     def work() -> None:
-        bundle = package_model(path, output, eval_report=eval_report, force=force, target=target)
+        bundle = package_model(path, output, eval_report=eval_report, force=force, target=target, log=log)
         out.print(f"wrote {bundle} ({bundle.stat().st_size / 1e6:.1f} MB)")
 
     run_guarded(work)

@@ -16,6 +16,7 @@ from ..errors import InputError
 from .build import REPO
 
 STATIC_SCRIPT = REPO / "tools" / "build" / "build_llama_static.sh"
+BUILD_MINUTES = 15  # a cold build on 2 cores, no ccache (docs/BENCHMARKS.md "Edge devices")
 
 
 @dataclass(frozen=True)
