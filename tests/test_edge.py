@@ -1,12 +1,14 @@
 """QR5_K128 on 64-bit ARM, run under qemu-aarch64 (issue 21): the NEON kernel of native/llama_patches/0007 (sdot
 with -march=armv8.2-a+dotprod), our codec's bytes there, and the patched llama.cpp running QR files there.
 
-test-backend-ops is not used: without a second backend its "test" mode compares the CPU backend with itself, so a
-broken kernel passes. The kernel is checked as on x86 (tests/test_qr5k128_llama.py): against the exact dot of the
-decoded operands within the float32 rounding bound, a bound five plausible wrong kernels fail.
+The kernel is checked as on x86 (tests/test_qr5k128_llama.py): against the exact dot of the decoded operands within
+the float32 rounding bound, a bound five plausible wrong kernels fail, and three NEON kernels broken on purpose
+fail too. ggml's test-backend-ops runs as well: on its own, with the CPU as the only backend, its test mode would
+compare the kernel with itself; patch 0007 makes the reference side take the generic C dot.
 
-`make test` runs everything here except the real model (seconds to a minute under qemu); `make edge-check` adds it
-(QREALIGN_EDGE_FULL=1): Qwen2.5-Coder-0.5B as QR4_K_M answering a prompt under qemu, bundled for linux-aarch64.
+`make test` runs the quick codec check (our C codec alone, cross-compiled; ~1 min) and, when the static aarch64
+build is cached, the rest but the real model; `make edge-check` builds it and runs everything (QREALIGN_EDGE_FULL=1),
+including Qwen2.5-Coder-0.5B as QR4_K_M answering a prompt under qemu, bundled for linux-aarch64.
 """
 from __future__ import annotations
 

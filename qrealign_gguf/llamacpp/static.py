@@ -71,8 +71,8 @@ def static_prefix(flavour: str, t: Target, build: bool = True) -> Path:
     res = subprocess.run(args, capture_output=True, text=True)
     if res.returncode != 0:
         if not build:
-            raise FileNotFoundError(f"static llama.cpp ({flavour}, {t.name}) not built: "
-                                    f"bash tools/build/build_llama_static.sh {flavour} {t.name}")
+            raise FileNotFoundError(f"static llama.cpp ({flavour}, {t.name}) not built (`make edge-check` builds it, or "
+                                    f"bash tools/build/build_llama_static.sh {flavour} {t.name})")
         lines = res.stderr.strip().splitlines() or ["(no output)"]
         cause = next((ln for ln in lines if "error" in ln.lower()), lines[-1])  # the compiler's, not make's last
         raise InputError(f"building llama.cpp for {t.name} failed: {cause.strip()}")
