@@ -278,7 +278,11 @@ def test_backend_ops_qr5_k128_on_aarch64(cross) -> None:
     """ggml's test-backend-ops for QR5_K128 under qemu: patch 0007 makes its reference CPU backend take the generic C
     dot, so every MUL_MAT case compares the NEON (sdot) kernel with it (ggml's NMSE bound), on ggml's own shapes."""
     text, ok = _backend_ops(cross, "qr5_k128")
-    print(f"test-backend-ops -b CPU -p qr5_k128 under qemu: {len(ok)} MUL_MAT cases OK; {text.strip().splitlines()[-2:]}")
+    ops = sorted({c.split("(", 1)[0] for c in ok})
+    print(f"test-backend-ops test -b CPU -p qr5_k128 under qemu: {len(ok)} cases OK "
+          f"({', '.join(f'{o} {sum(c.startswith(o + chr(40)) for c in ok)}' for o in ops)})")
+    # MUL_MAT is the kernel check (a NEON kernel broken on purpose failed all 14 cases, docs/BENCHMARKS.md); the
+    # others (GET_ROWS, SET_ROWS, CPY, MUL_MAT_ID) exercise the type's other CPU paths on aarch64 against themselves
     assert sum(c.startswith("MUL_MAT(") for c in ok) >= 10, text[-4000:]
 
 
@@ -327,7 +331,9 @@ def test_tiny_qr_model_on_aarch64_matches_x86(cross, tiny_qr, tmp_path) -> None:
     (llama-perplexity, 2 x 64 tokens): the whole model path (get_rows, mat-vec and mat-mul through the NEON kernel,
     Q8_1 activations) agrees with AVX2's up to float summation order."""
     v = _aarch64_vs_x86(cross, tiny_qr, tmp_path, 64)
-    assert v["kld"] < 1e-4 and v["same_top"] >= 0.95, v
+    # measured: KLD 6.4e-5, same top token 95.5 %. A random model's logits are nearly flat (PPL ~ its vocabulary),
+    # so float summation order flips near-ties of the top token; the KLD is the tight check
+    assert v["kld"] < 1e-4 and v["same_top"] >= 0.9, v
 
 
 @pytest.mark.skipif(not FULL, reason=FULL_REASON)
