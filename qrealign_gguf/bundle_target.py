@@ -47,7 +47,7 @@ def device_runtime(t: static.Target, custom_types: bool, log: Log | None = None)
     except FileNotFoundError:
         if log is not None:
             log(f"building llama.cpp ({flavour}, static) for {t.name} once; it is cached for the next bundle "
-                f"(~{static.BUILD_MINUTES} min on 2 cores)")
+                f"(~{static.BUILD_MINUTES} CPU-minutes)")
         prefix = static.static_prefix(flavour, t)
     info = {}
     if (prefix / "BUILDINFO").is_file():

@@ -279,8 +279,8 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mtime: int, mode: i
 def package(gguf_path: Path, output: Path | None = None, eval_report: Path | None = None,
             force: bool = False, target: str | None = None, log: Log | None = None) -> Path:
     """Write the bundle; returns its path. Inputs are checked before the (long) hashing starts. target ("host",
-    "linux-aarch64"): also bundle llama.cpp built for that device and run.sh (the build may take ~15 min the first
-    time; an unknown target or a missing compiler is an InputError before anything is read or written)."""
+    "linux-aarch64"): also bundle llama.cpp built for that device and run.sh (the first build takes ~10
+    CPU-minutes; an unknown target or a missing compiler is an InputError before anything is read or written)."""
     gguf_path = Path(gguf_path)
     device = check_target(target) if target is not None else None
     files, summary = model_files(gguf_path)

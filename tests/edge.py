@@ -2,8 +2,8 @@
 of tools/build/build_llama_static.sh, qemu-aarch64 and the ARM cross compiler.
 
 A build is used when it is cached (`make edge-check` builds both; `make test` does not, they take too long) or,
-with QREALIGN_BUILD_EDGE=1, built by the test run; otherwise the tests skip and say how to get it. Without the cross compiler or qemu (a machine where `make edge-setup` could not use apt) they
-skip as well.
+with QREALIGN_BUILD_EDGE=1, built by the test run; otherwise the tests skip and say how to get it. Without the
+cross compiler or qemu (a machine where `make edge-setup` could not use apt) they skip as well.
 """
 from __future__ import annotations
 

@@ -267,7 +267,8 @@ def _backend_ops(cross: Path, type_name: str) -> tuple[str, list[str]]:
     parameters name the type; returns the output and the names of the cases that passed."""
     exe = cross / "bin" / "test-backend-ops"
     if not exe.is_file():
-        pytest.skip(f"{cross} has no test-backend-ops (rebuild: bash tools/build/build_llama_static.sh patched linux-aarch64)")
+        pytest.skip(f"{cross} has no test-backend-ops "
+                    "(rebuild: bash tools/build/build_llama_static.sh patched linux-aarch64)")
     r = qemu([exe, "test", "-b", "CPU", "-p", type_name], timeout=3000)
     text = re.sub(r"\x1b\[[0-9;]*m", "", r.stdout.decode(errors="replace") + r.stderr.decode(errors="replace"))
     assert r.returncode == 0 and "FAIL" not in text, text[-4000:]

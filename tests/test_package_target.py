@@ -91,7 +91,8 @@ def test_host_bundle_answers(models, tmp_path) -> None:
     prefix = static_build("patched", "host")
     bundle = package_model(models["qr"], tmp_path / "host.tar", target="host")
     stem = _unpack(bundle, tmp_path / "device")
-    assert _elf(stem / "bin" / "llama-completion") == (EM_AARCH64 if platform.machine() == "aarch64" else EM_X86_64, True)
+    machine = EM_AARCH64 if platform.machine() == "aarch64" else EM_X86_64
+    assert _elf(stem / "bin" / "llama-completion") == (machine, True)
     assert (stem / "bin" / "llama-completion").read_bytes() == (prefix / "bin" / "llama-completion").read_bytes()
     prov = json.loads((stem / "provenance.json").read_text())
     assert prov["target"]["name"] == "host" and prov["target"]["llama_cpp"] == "patched"

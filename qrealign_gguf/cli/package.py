@@ -15,7 +15,7 @@ def package(
     eval_report: Optional[Path] = typer.Option(None, "--eval", help="`qrealign-gguf eval --json` report that measured this file"),
     force: bool = typer.Option(False, "--force", help="replace an existing bundle .tar"),
     target: Optional[str] = typer.Option(None, "--target", help="also bundle llama.cpp built for this device and a "
-                                         "run.sh: host or linux-aarch64 (static; the first build takes ~15 min)"),
+                                         "run.sh: host or linux-aarch64 (static; the first build takes ~10 CPU-minutes)"),
 ) -> None:
     """Bundle a GGUF for an edge device: the file (every shard of a split model), provenance.json, a model card,
     SHA256SUMS (and, for custom tensor types, the llama.cpp patches with build instructions for the device).

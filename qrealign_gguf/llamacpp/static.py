@@ -16,7 +16,7 @@ from ..errors import InputError
 from .build import REPO
 
 STATIC_SCRIPT = REPO / "tools" / "build" / "build_llama_static.sh"
-BUILD_MINUTES = 15  # a cold build on 2 cores, no ccache (docs/BENCHMARKS.md "Edge devices")
+BUILD_MINUTES = 10  # a cold build: ~10 CPU-minutes (aarch64, 606 s; host 477 s), docs/BENCHMARKS.md "Edge devices"
 
 
 @dataclass(frozen=True)
@@ -64,15 +64,15 @@ def check_toolchain(t: Target) -> None:
 
 def static_prefix(flavour: str, t: Target, build: bool = True) -> Path:
     """Install prefix of the static build (bin/llama-completion, bin/llama-perplexity, lib/libggml*.a, include/).
-    build=False: only a cached one, else FileNotFoundError. Building takes ~15 min on 2 cores the first time;
+    build=False: only a cached one, else FileNotFoundError. Building takes ~10 CPU-minutes the first time;
     a failed build is an InputError naming the last line cmake printed."""
     check_toolchain(t)
     args = ["bash", str(STATIC_SCRIPT), flavour, t.name] + ([] if build else ["--check"])
     res = subprocess.run(args, capture_output=True, text=True)
     if res.returncode != 0:
         if not build:
-            raise FileNotFoundError(f"static llama.cpp ({flavour}, {t.name}) not built (`make edge-check` builds it, or "
-                                    f"bash tools/build/build_llama_static.sh {flavour} {t.name})")
+            raise FileNotFoundError(f"static llama.cpp ({flavour}, {t.name}) not built (`make edge-check` builds "
+                                    f"it, or bash tools/build/build_llama_static.sh {flavour} {t.name})")
         lines = res.stderr.strip().splitlines() or ["(no output)"]
         cause = next((ln for ln in lines if "error" in ln.lower()), lines[-1])  # the compiler's, not make's last
         raise InputError(f"building llama.cpp for {t.name} failed: {cause.strip()}")

@@ -69,7 +69,7 @@ launcher=""
 command -v ccache >/dev/null && launcher="-DCMAKE_C_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_COMPILER_LAUNCHER=ccache"
 export CCACHE_BASEDIR="$src" CCACHE_NOHASHDIR=1  # hits across source dirs (a patch change rebuilds what it touches)
 build="$src/build"
-echo "building static llama.cpp $VERSION ($FLAVOUR, $TARGET) -> $prefix (first time ~15 min on 2 cores)" >&2
+echo "building static llama.cpp $VERSION ($FLAVOUR, $TARGET) -> $prefix (first time ~10 CPU-minutes)" >&2
 # shellcheck disable=SC2086  # $FLAGS / $launcher: word lists
 cmake -S "$lsrc" -B "$build" $FLAGS $launcher >&2
 # shellcheck disable=SC2086
