@@ -147,7 +147,8 @@ llama-static-host: $(VENV)/.deps
 # make test runs the quick ARM checks: the cross compiler and qemu from apt (edge-setup, ~1 min), our codec built
 # for aarch64 and run under qemu for every type, the `package --target` refusals. The static llama.cpp builds are
 # NOT made here: cold they take ~10 (aarch64, 606 s) and ~8 (host, 477 s) CPU-minutes, 40 and 24 min of wall time on
-# this loaded 2-core machine, and their checks ~10 min more under qemu: too long for make test's budget; the tests that need them (NEON kernel, test-backend-ops, the tiny QR model on aarch64, both bundles
+# this loaded 2-core machine (~5-6 and ~4 min idle, by CPU time), and their checks 2-10 min more under qemu: too
+# much for make test's budget (add llama-edge llama-static-host below to bring them in); the tests that need them (NEON kernel, test-backend-ops, the tiny QR model on aarch64, both bundles
 # answering) skip with a reason unless those builds are cached. `make edge-check` builds them and runs everything.
 test: edge-setup
 
