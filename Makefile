@@ -148,8 +148,9 @@ llama-static-host: $(VENV)/.deps
 # for aarch64 and run under qemu for every type, the `package --target` refusals. The static llama.cpp builds are
 # NOT made here: cold they take ~10 (aarch64, 606 s) and ~8 (host, 477 s) CPU-minutes, 40 and 24 min of wall time on
 # this loaded 2-core machine (~5-6 and ~4 min idle, by CPU time), and their checks 2-10 min more under qemu: too
-# much for make test's budget (add llama-edge llama-static-host below to bring them in); the tests that need them (NEON kernel, test-backend-ops, the tiny QR model on aarch64, both bundles
-# answering) skip with a reason unless those builds are cached. `make edge-check` builds them and runs everything.
+# much for make test's budget (add llama-edge llama-static-host below to bring them in). The tests that need them
+# (NEON kernel, test-backend-ops, the tiny QR model on aarch64, both bundles answering) skip with a reason unless
+# those builds are cached. `make edge-check` builds them and runs everything.
 test: edge-setup
 
 # every ARM check under qemu-aarch64 (tests/test_edge.py, tests/test_package_target.py), including the slow ones:
