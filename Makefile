@@ -120,3 +120,41 @@ experiment: testbed
 
 clean:
 	rm -rf build *.egg-info qrealign_gguf/_native* qrealign_gguf/_cuda .pytest_cache $(VENV)/.cuda
+
+# ---- edge devices (64-bit ARM Linux): cross compiler and qemu from apt, static llama.cpp, checks under qemu ------
+EDGE_APT := g++-aarch64-linux-gnu qemu-user
+.PHONY: edge-setup llama-edge llama-static-host edge-check
+
+# Debian/Ubuntu's ARM cross compiler and qemu-user (as root, like CI); elsewhere one line, and the ARM tests skip
+edge-setup:
+	@if ! command -v aarch64-linux-gnu-g++ >/dev/null || ! command -v qemu-aarch64 >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get install -y -qq $(EDGE_APT) >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq $(EDGE_APT) >/dev/null) \
+	      || echo "edge-setup: apt-get could not install $(EDGE_APT); the ARM tests skip"; \
+	  else echo "edge-setup: skipped: install $(EDGE_APT) (apt) for the ARM checks"; fi; fi
+
+# static patched llama.cpp for linux-aarch64 (armv8.2-a+dotprod, with ggml's test-backend-ops): what the ARM checks
+# run under qemu and what `package --target linux-aarch64` bundles for QR files; cached like `make llama`
+llama-edge: $(VENV)/.deps edge-setup
+	@if command -v aarch64-linux-gnu-g++ >/dev/null; then \
+	  PYTHON=$(VPY) bash tools/build/build_llama_static.sh patched linux-aarch64 >/dev/null; fi
+
+# static patched llama.cpp for this machine: what `package --target host` bundles for QR files, and the x86 side
+# of the aarch64-vs-x86 logit comparison (a stock-type file builds the stock flavour on first use)
+llama-static-host: $(VENV)/.deps
+	PYTHON=$(VPY) bash tools/build/build_llama_static.sh patched host >/dev/null
+
+# make test runs the quick ARM checks: the cross compiler and qemu from apt (edge-setup, ~1 min), our codec built
+# for aarch64 and run under qemu for every type, the `package --target` refusals. The static llama.cpp builds are
+# NOT made here: cold they take ~10 (aarch64, 606 s) and ~8 (host, 477 s) CPU-minutes, 40 and 24 min of wall time on
+# this loaded 2-core machine (~5-6 and ~4 min idle, by CPU time), and their checks 2-10 min more under qemu: too
+# much for make test's budget (add llama-edge llama-static-host below to bring them in). The tests that need them
+# (NEON kernel, test-backend-ops, the tiny QR model on aarch64, both bundles answering) skip with a reason unless
+# those builds are cached. `make edge-check` builds them and runs everything.
+test: edge-setup
+
+# every ARM check under qemu-aarch64 (tests/test_edge.py, tests/test_package_target.py), including the slow ones:
+# Qwen2.5-Coder-0.5B as QR4_K_M, bundled for linux-aarch64, answering a prompt as the x86 build does
+edge-check: install llama-edge llama-static-host
+	$(VPY) -m tools.data.fetch_model qwen05 >/dev/null
+	QREALIGN_EDGE_FULL=1 $(VPY) -m pytest -q -s tests/test_edge.py tests/test_package_target.py $(PYTEST_ARGS)

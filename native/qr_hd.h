@@ -27,7 +27,11 @@
 #define QR_HD static inline
 #endif
 
-#if defined(__CUDA_ARCH__) || defined(QR_PORTABLE_NUMERICS)
+/* x86's answers where C leaves them to the machine (out-of-range float->int casts, NaN bits): on the GPU, and on
+ * every CPU that is not x86 -- ARM's conversions saturate (+inf -> INT_MAX, so a Q8_0 block of float32 denormals,
+ * whose 1/d overflows, got code -1 instead of 0), and the files must not depend on the machine that wrote them
+ * (tests/test_edge.py runs the codec under qemu-aarch64) */
+#if defined(__CUDA_ARCH__) || defined(QR_PORTABLE_NUMERICS) || !(defined(__x86_64__) || defined(__i386__) || defined(_M_X64) || defined(_M_IX86))
 #define QR_EMULATE_X86 1
 #else
 #define QR_EMULATE_X86 0

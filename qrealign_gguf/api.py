@@ -220,12 +220,14 @@ def evaluate_models(models: list[str | Path], *, harmful: str | Path | None = No
 
 
 def package_model(gguf_path: str | Path, output: str | Path | None = None, *, eval_report: str | Path | None = None,
-                  force: bool = False) -> Path:
+                  force: bool = False, target: str | None = None, log: Log | None = None) -> Path:
     """Bundle a GGUF (every shard) with provenance, model card and checksums for a device (`qrealign-gguf
-    package`); returns the .tar written."""
+    package`); returns the .tar written. target "host" or "linux-aarch64": the bundle also carries llama.cpp built
+    for that device (static; built on first use, minutes, announced through `log`) and a run.sh that starts the
+    model there."""
     from .package import package
 
-    return package(Path(gguf_path), _path(output), _path(eval_report), force=force)
+    return package(Path(gguf_path), _path(output), _path(eval_report), force=force, target=target, log=log)
 
 
 def _path(p: str | Path | None) -> Path | None:

@@ -11,6 +11,8 @@ readable without our tools and verifiable on the device:
     <stem>/SHA256SUMS          `sha256sum -c SHA256SUMS` on the device
     <stem>/llama_patches/      only for files with qrealign's custom tensor types (QR4_KO, QR5_K128): the patches that make the
     <stem>/BUILD.md            pinned llama.cpp run them, and how to build that for a device (CPU-only ARM, x86)
+    <stem>/bin/, <stem>/run.sh with target= (`--target host|linux-aarch64`): llama.cpp built for the device, static,
+                               and a script that starts the model there (bundle_target.py)
 
 The tar is uncompressed (quantized weights do not compress) and reproducible: every member's mtime is the GGUF's.
 It is written to a temp file next to the output and renamed at the end; an existing bundle is replaced only with
@@ -31,8 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .bundle_target import DeviceRuntime, card_lines, check_target, device_runtime, run_sh
 from .errors import InputError
 from .inspect import GGUFSummary, read_gguf_summary
+from .progress import Log
 
 REPO = Path(__file__).resolve().parent.parent
 LLAMA_PIN = "llama.cpp as vendored by llama-cpp-python 0.3.36 (PyPI sdist)"
@@ -148,8 +152,10 @@ def _eval_summary(report: dict[str, Any], report_path: Path, gguf_name: str, dig
             "settings": report.get("settings", {}), "notes": report.get("notes", [])}
 
 
-def provenance(summary: GGUFSummary, files: list[Path], digests: list[str], evaluation: dict | None) -> dict[str, Any]:
-    """files: the model's files (one, or every shard; llama.cpp is given the first), digests: their sha256."""
+def provenance(summary: GGUFSummary, files: list[Path], digests: list[str], evaluation: dict | None,
+               runtime: DeviceRuntime | None = None) -> dict[str, Any]:
+    """files: the model's files (one, or every shard; llama.cpp is given the first), digests: their sha256;
+    runtime: the llama.cpp bundled for a device (package --target), if any."""
     meta = summary.metadata
     return {
         "file": files[0].name,  # what llama.cpp is given; "files" lists every shard of a split
@@ -167,6 +173,7 @@ def provenance(summary: GGUFSummary, files: list[Path], digests: list[str], eval
         "metadata": {k: v for k, v in meta.items() if k.startswith(_KEEP_PREFIXES)},
         "packaged_by": f"qrealign-gguf {__version__}",
         "evaluation": evaluation,
+        "target": runtime.provenance() if runtime is not None else None,
     }
 
 
@@ -215,6 +222,9 @@ def model_card(prov: dict[str, Any]) -> str:
         lines += ["Nothing measured was bundled (pass `--eval report.json` from `qrealign-gguf eval --json`). "
                   "Do not assume refusal behaviour without measuring it.", ""]
     lines += ["## Run", ""]
+    if prov.get("target"):
+        lines += card_lines(prov)
+        lines += ["Elsewhere, with your own llama.cpp build:", ""]
     if prov["custom_types"]:
         lines += [f"**This file uses qrealign-gguf's custom tensor type(s) {', '.join(prov['custom_types'])}. Stock "
                   "llama.cpp and apps built on it cannot load it** (\"invalid ggml type\"). Build the patched "
@@ -260,16 +270,19 @@ Android: the same with the NDK toolchain file (`-DCMAKE_TOOLCHAIN_FILE=$NDK/buil
 """
 
 
-def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mtime: int) -> None:
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mtime: int, mode: int = 0o644) -> None:
     info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), mtime, 0o644
+    info.size, info.mtime, info.mode = len(data), mtime, mode
     tar.addfile(info, io.BytesIO(data))
 
 
 def package(gguf_path: Path, output: Path | None = None, eval_report: Path | None = None,
-            force: bool = False) -> Path:
-    """Write the bundle; returns its path. Inputs are checked before the (long) hashing starts."""
+            force: bool = False, target: str | None = None, log: Log | None = None) -> Path:
+    """Write the bundle; returns its path. Inputs are checked before the (long) hashing starts. target ("host",
+    "linux-aarch64"): also bundle llama.cpp built for that device and run.sh (the first build takes ~10
+    CPU-minutes; an unknown target or a missing compiler is an InputError before anything is read or written)."""
     gguf_path = Path(gguf_path)
+    device = check_target(target) if target is not None else None
     files, summary = model_files(gguf_path)
     m = _SPLIT_NAME.match(files[0].name)
     stem = m["prefix"] if len(files) > 1 and m else files[0].name.removesuffix(".gguf")
@@ -289,10 +302,12 @@ def package(gguf_path: Path, output: Path | None = None, eval_report: Path | Non
         raise InputError(f"{files[0].name} uses custom tensor types but {pdir} holds no llama.cpp patches; "
                          "reinstall qrealign-gguf")
 
+    runtime = device_runtime(device, bool(summary.custom_types), log) if device is not None else None
+
     digests = [sha256_file(f) for f in files]
     evaluation = (_eval_summary(report, Path(eval_report), files[0].name, digests)
                   if report is not None else None)
-    prov = provenance(summary, files, digests, evaluation)
+    prov = provenance(summary, files, digests, evaluation, runtime)
     mtime = int(files[0].stat().st_mtime)
     texts: dict[str, bytes] = {
         "provenance.json": (json.dumps(prov, indent=2, ensure_ascii=False) + "\n").encode(),
@@ -301,7 +316,12 @@ def package(gguf_path: Path, output: Path | None = None, eval_report: Path | Non
     if patches:
         texts["BUILD.md"] = build_md(patches).encode()
         texts.update({f"llama_patches/{p}": (pdir / p).read_bytes() for p in patches})
+    programs: dict[str, Path] = {}  # bundle name -> file, streamed like the GGUF
+    if runtime is not None:
+        texts["run.sh"] = run_sh(runtime, files[0].name, prov["has_chat_template"]).encode()
+        programs = {f"bin/{b.name}": b for b in runtime.binaries}
     sums = [f"{d}  {f.name}" for f, d in zip(files, digests)]
+    sums += [f"{sha256_file(p)}  {n}" for n, p in programs.items()]
     sums += [f"{hashlib.sha256(b).hexdigest()}  {n}" for n, b in texts.items()]
     texts["SHA256SUMS"] = ("\n".join(sums) + "\n").encode()
 
@@ -311,13 +331,14 @@ def package(gguf_path: Path, output: Path | None = None, eval_report: Path | Non
         raise InputError(f"cannot write into {output.parent}: {e.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for path in files:
-                info = tar.gettarinfo(str(path), arcname=f"{stem}/{path.name}")
-                info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode = mtime, 0, 0, "", "", 0o644
+            streamed = [(path.name, path, 0o644) for path in files] + [(n, p, 0o755) for n, p in programs.items()]
+            for name, path, mode in streamed:
+                info = tar.gettarinfo(str(path), arcname=f"{stem}/{name}")
+                info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode = mtime, 0, 0, "", "", mode
                 with path.open("rb") as g:
                     tar.addfile(info, g)
             for name, data in texts.items():
-                _add_bytes(tar, f"{stem}/{name}", data, mtime)
+                _add_bytes(tar, f"{stem}/{name}", data, mtime, 0o755 if name == "run.sh" else 0o644)
         os.replace(tmp, output)
     except OSError as e:  # a full disk, say: one line, and the partial temp file goes
         Path(tmp).unlink(missing_ok=True)
