@@ -33,8 +33,8 @@ from .realign.options import RealignOptions
 if TYPE_CHECKING:
     from .realign.probes import ProbeSet
 
-__all__ = ["ConvertJob", "ConvertResult", "RealignOptions", "convert_model", "evaluate_models", "package_model",
-           "plan_conversion", "probe_model"]
+__all__ = ["ConvertJob", "ConvertResult", "RealignBudget", "RealignOptions", "convert_model", "evaluate_models",
+           "package_model", "plan_conversion", "probe_model", "realign_budget"]
 
 
 @dataclass(kw_only=True)
@@ -65,6 +65,55 @@ def plan_conversion(job: ConvertJob) -> Plan:
         job.realign.check_numbers()
     return make_plan(job.model, job.output, job.outtype, pure=job.pure,
                      has_imatrix=job.imatrix is not None or job.calib is not None)
+
+
+@dataclass(frozen=True)
+class RealignBudget:
+    """What a realignment will need, per rank, before anything is loaded (realign/budget.py)."""
+    device: str  # "cpu" (host memory) or "cuda" (the GPU's)
+    ranks: int
+    parts: dict[str, int]  # bytes per rank: fixed, layer, streams, batch
+    available_bytes: int  # what this machine has free now (cgroup / MemAvailable, or the GPU's free memory)
+    seconds_per_layer: float
+    n_layers: int
+    budget: Any  # budget.Budget
+    workload: Any  # budget.Workload
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.available_bytes
+
+    def check(self) -> None:
+        """InputError with the numbers and the option that would help, when it does not fit."""
+        from .realign.budget import check_fits
+
+        check_fits(self.budget, self.workload, self.available_bytes,
+                   "the GPU" if self.device == "cuda" else "host memory")
+
+
+def realign_budget(job: ConvertJob, plan: Plan | None = None, ranks: int | None = None) -> RealignBudget:
+    """Memory per rank and time per layer of `job`'s realignment on its device (ranks: torchrun's world size by
+    default); reads only headers and tokenizes the calibration prompts, and times a short matmul / fake_quant."""
+    from .device import resolve_device
+    from .realign.budget import available_host_bytes, plan_budget
+
+    if job.realign is None:
+        raise InputError("no realignment to plan: give --aligned or --probes")
+    plan = plan or plan_conversion(job)
+    device = resolve_device(job.device, "torch")
+    ranks = ranks or (dist.launcher_env() or (0, 1, 0))[1]
+    _, w, b = plan_budget(plan, job.realign, device, ranks)
+    if device == "cuda":
+        import torch
+
+        available = int(torch.cuda.mem_get_info()[0])
+    else:
+        available = available_host_bytes()
+    return RealignBudget(device, ranks, dict(b.parts), available, b.seconds_per_layer, b.n_layers, b, w)
 
 
 def convert_model(job: ConvertJob, *, log: Log | None = None, progress: Progress | None = None,
@@ -112,7 +161,9 @@ def _convert(job: ConvertJob, log: Log | None, progress: Progress | None, plan: 
                 raise InputError(f"--calib {job.calib}: {n} prompts for {world.size} ranks; give every rank at least one")
         if job.realign is None:
             return None
-        return prepare_realign(job.realign, model, plan, job.device, ranks=world.size)
+        probes = prepare_realign(job.realign, model, plan, job.device, ranks=world.size)
+        realign_budget(job, plan, world.size).check()  # a run that cannot fit stops here, not after hours
+        return probes
 
     probes = dist.agree(world, validate)  # one rank's bad input stops every rank, with one line
     provenance: dict[str, Any] = {}

@@ -197,3 +197,24 @@ def test_realigning_to_q8_0_says_rounding_has_little_room(tiny, tmp_path, outtyp
     assert ("little room to realign" in r.output) == warned, r.output
     plain = runner.invoke(app, ["convert", str(tiny), "-o", str(tmp_path), "--outtype", outtype, "--dry-run"])
     assert "little room to realign" not in plain.output  # not realigning: nothing to warn about
+
+
+def test_realignment_plan_in_dry_run_and_a_run_that_cannot_fit_stops_first(tiny, tmp_path, monkeypatch):
+    """--dry-run with realignment prints memory per rank and time; a real run whose plan exceeds the free memory
+    stops before any work with one line naming the numbers, and writes nothing."""
+    from qrealign_gguf.realign import budget
+    from tiny_models import planted_probes
+
+    probes = tmp_path / "probes.safetensors"
+    planted_probes(tiny, 4, target_benign=0.0).save(probes)
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["convert", str(tiny), "-o", str(out / "m.gguf"), "--outtype", "Q4_0", "--probes", str(probes),
+            "--realign-samples", "4", "--realign-iters", "2", "--threads", "1"]
+    r = runner.invoke(app, args + ["--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert "realignment on cpu, 1 rank(s)" in r.output and "fits" in r.output and "per layer" in r.output
+    monkeypatch.setattr(budget, "available_host_bytes", lambda: 1 << 20)  # 1 MiB free
+    msg = _fails(args, "realignment needs")
+    assert "GiB is available" in msg and "try" in msg
+    assert list(out.iterdir()) == []

@@ -11,10 +11,12 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from ..dist import DEFAULT_TIMEOUT_S
+from ..errors import InputError
 from ..realign.options import RealignOptions as R
 from .common import err, log, out, parse_size, run_guarded
 
 if TYPE_CHECKING:
+    from ..api import RealignBudget
     from ..plan import Plan
 
 # what was measured about each custom type, shown when a file gets one (docs/BENCHMARKS.md)
@@ -61,7 +63,7 @@ def convert(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda: block encoders (and realignment's torch work); auto = CUDA when a GPU and the CUDA codec are available"),
 ) -> None:
     """Convert a Hugging Face model to GGUF; with --aligned or --probes, realign safety while quantizing."""
-    from ..api import ConvertJob, convert_model, plan_conversion
+    from ..api import ConvertJob, convert_model, plan_conversion, realign_budget
     from ..convert import load_metadata_overrides
     from ..realign.reach import reach_caveat
 
@@ -86,6 +88,8 @@ def convert(
                       highlight=False)
         if dry_run:
             _print_plan(plan)
+            if job.realign is not None:
+                _print_budget(realign_budget(job, plan))
             return
         with Progress(TextColumn("{task.description:<40}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
                       console=err, transient=True) as bar:
@@ -131,3 +135,20 @@ def _print_plan(plan: Plan) -> None:
         counts[p.qtype.name] = counts.get(p.qtype.name, 0) + 1
     out.print(f"{len(plan.tensors)} tensors ({', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))}), "
               f"{plan.total_bytes / 1e6:.1f} MB of tensor data, {plan.bits_per_weight:.2f} bits per weight")
+
+
+def _print_budget(b: RealignBudget) -> None:
+    """The realignment's plan: memory per rank by part, against what is free now, and the time it should take."""
+    gib = 1 << 30
+    where = "GPU" if b.device == "cuda" else "host"
+    parts = ", ".join(f"{k} {v / gib:.2f}" for k, v in b.parts.items())
+    verdict = "fits" if b.fits else "[bold red]does not fit[/]"
+    out.print(f"realignment on {b.device}, {b.ranks} rank(s): ~{b.total_bytes / gib:.1f} GiB {where} memory per rank "
+              f"({parts} GiB); {b.available_bytes / gib:.1f} GiB free: {verdict}")
+    out.print(f"time: ~{b.seconds_per_layer:.0f} s per layer x {b.n_layers} layers = ~{b.seconds_per_layer * b.n_layers / 60:.0f} "
+              f"min (rough: rates measured now under this machine's current load, not calibrated on real runs)")
+    if not b.fits:
+        try:
+            b.check()
+        except InputError as e:
+            out.print(str(e), highlight=False)
