@@ -166,6 +166,12 @@ def _convert(job: ConvertJob, log: Log | None, progress: Progress | None, plan: 
         return probes
 
     probes = dist.agree(world, validate)  # one rank's bad input stops every rank, with one line
+    if job.realign is not None and log is not None:  # after validation: bad input stays one line, nothing else
+        from .realign.reach import reach_caveat
+
+        caveat = reach_caveat(plan)
+        if caveat:
+            log(f"warning: little room to realign: {caveat}")
     provenance: dict[str, Any] = {}
     importance = None
     shared = {"world": world} if world.size > 1 else {}  # a single process calls the plain functions

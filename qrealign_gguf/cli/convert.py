@@ -82,12 +82,12 @@ def convert(
         plan = plan_conversion(job)  # numbers before the model headers: a typo must not cost a model load
         if plan.custom_types:
             _warn_custom(plan.custom_types, plan.output)
-        caveat = reach_caveat(plan) if job.realign is not None else None
-        if caveat:
-            err.print(Panel(caveat, title="[bold yellow]warning: little room to realign", border_style="yellow"),
-                      highlight=False)
         if dry_run:
             _print_plan(plan)
+            caveat = reach_caveat(plan) if job.realign is not None else None
+            if caveat:  # a real run logs it once its inputs are validated (api.convert_model)
+                err.print(Panel(caveat, title="[bold yellow]warning: little room to realign", border_style="yellow"),
+                          highlight=False)
             if job.realign is not None:
                 _print_budget(realign_budget(job, plan))
             return
