@@ -12,12 +12,14 @@ Scenarios write their results to OUTDIR/<scenario>.rank<r>.* (test code: every r
   equalize     equalize.choose on the same layer
   die          realign_layer; rank 1 SIGKILLs itself mid-optimization (through the CLI's error mapping)
   hang         realign_layer; rank 1 stops answering mid-optimization (sleeps), the others must time out
+launch() is how the tests start a 2-rank torchrun job (these scenarios, or `-m qrealign_gguf ...`).
 """
 from __future__ import annotations
 
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +33,28 @@ if __name__ == "__main__":  # run as a script by torchrun: the repository root h
 from qrealign_gguf import dist  # noqa: E402
 from qrealign_gguf.formats.types import qtype  # noqa: E402
 from qrealign_gguf.realign.calibrate import RealignSettings, Target, realign_layer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def launch(argv: list[str], limit_s: float, what: str) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node 2 ARGV` from the repository root, one thread per rank, output
+    captured; past limit_s the whole job (torchrun and its workers, its own session) is killed and the test fails."""
+    import pytest
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *argv]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop("QREALIGN_DEBUG", None)
+    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as p:
+        try:
+            stdout, stderr = p.communicate(timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+            pytest.fail(f"{what} still running after {limit_s} s: a rank hangs")
+    return subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)
+
 
 LINEARS = {"self_attn.q_proj": "Q4_0", "self_attn.k_proj": "Q4_0", "self_attn.v_proj": "Q4_1",
            "self_attn.o_proj": "Q4_0", "mlp.gate_proj": "Q4_1", "mlp.up_proj": "Q5_0", "mlp.down_proj": "Q4_0"}

@@ -17,11 +17,8 @@ What "the same" means, and why it is not always bit for bit:
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -47,20 +44,8 @@ pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.
 def torchrun(scenario: str, out: Path, timeout_s: float | None = None, limit_s: float = 600) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node 2 tests/dist_job.py SCENARIO OUT [TIMEOUT_S]`, one thread per rank."""
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(JOB), scenario,
-           str(out)] + ([str(timeout_s)] if timeout_s is not None else [])
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    env.pop("QREALIGN_DEBUG", None)
-    # its own session, so a job past the limit is killed whole (torchrun and its workers), not left running
-    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as p:
-        try:
-            stdout, stderr = p.communicate(timeout=limit_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.communicate()
-            pytest.fail(f"torchrun {scenario} still running after {limit_s} s: a rank hangs")
-    return subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)
+    argv = [str(JOB), scenario, str(out)] + ([str(timeout_s)] if timeout_s is not None else [])
+    return dist_job.launch(argv, limit_s, f"torchrun {scenario}")
 
 
 @pytest.fixture(scope="module")

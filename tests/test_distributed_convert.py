@@ -12,9 +12,7 @@ files agree far better than either agrees with the float model.
 """
 from __future__ import annotations
 
-import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+import dist_job
 from qrealign_gguf.api import ConvertJob, convert_model
 from qrealign_gguf.realign.options import RealignOptions
 from tiny_models import make_tiny_llama, planted_probes
@@ -50,19 +49,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def torchrun(args: list[str], *, script: list[str] | None = None, limit_s: float = 300) -> subprocess.CompletedProcess:
     """torchrun --standalone --nproc-per-node 2 [script | -m qrealign_gguf] ARGS, one thread per rank; killed whole
     past the limit."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           *(script or ["-m", "qrealign_gguf"]), *args]
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    env.pop("QREALIGN_DEBUG", None)
-    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as p:
-        try:
-            stdout, stderr = p.communicate(timeout=limit_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.communicate()
-            pytest.fail(f"torchrun {' '.join(args[:2])} still running after {limit_s} s: a rank hangs")
-    return subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)
+    return dist_job.launch([*(script or ["-m", "qrealign_gguf"]), *args], limit_s, f"torchrun {' '.join(args[:2])}")
 
 
 def _errors_and_codes(r: subprocess.CompletedProcess) -> tuple[list[str], dict[int, int]]:

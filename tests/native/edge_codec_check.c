@@ -12,15 +12,7 @@
 
 #include "qrealign.h"
 
-static void *get(size_t n) {
-    void *p = calloc(n ? n : 1, 1);
-    if (!p) { fprintf(stderr, "out of memory\n"); exit(3); }
-    return p;
-}
-
-static void put(const void *p, size_t n) {
-    if (fwrite(p, 1, n, stdout) != n) { perror("write"); exit(4); }
-}
+#include "edge_io.h"
 
 int main(int argc, char **argv) {
     if (argc != 4) { fprintf(stderr, "usage: %s TYPE NROWS NCOLS < x imatrix > out\n", argv[0]); return 2; }

@@ -28,15 +28,7 @@ void ggml_vec_dot_qr5_k128_q8_1(int n, float * s, size_t bs, const void * vx, si
 void ggml_vec_dot_qr5_k128_q8_1_generic(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy, size_t by, int nrc);
 void quantize_row_q8_1(const float * x, void * y, int64_t k);
 
-static void *get(size_t n) {
-    void *p = calloc(n ? n : 1, 1);
-    if (!p) { fprintf(stderr, "out of memory\n"); exit(3); }
-    return p;
-}
-
-static void put(const void *p, size_t n) {
-    if (fwrite(p, 1, n, stdout) != n) { perror("write"); exit(4); }
-}
+#include "edge_io.h"
 
 int main(int argc, char **argv) {
     if (argc != 3) { fprintf(stderr, "usage: %s NROWS NCOLS < x imatrix act > out\n", argv[0]); return 2; }

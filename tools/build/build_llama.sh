@@ -18,18 +18,8 @@ patches=""
 if [ "$FLAVOUR" = patched ]; then patches=$(ls "$ROOT"/native/llama_patches/*.patch 2>/dev/null || true); fi
 key=$( { echo "$VERSION $FLAVOUR $FLAGS $TARGETS"; for p in $patches; do cat "$p"; done; } | sha256sum | cut -c1-16)
 prefix="$CACHE/llama.cpp/$VERSION-$FLAVOUR-$key"
-if [ -x "$prefix/bin/llama-completion" ] && [ -f "$prefix/.complete" ]; then echo "$prefix"; exit 0; fi
-if [ "${2:-}" = --check ]; then exit 1; fi
-
-mkdir -p "$CACHE/sdist" "$CACHE/llama.cpp"
-# one build per key at a time: a second caller (a pytest worker, `make demo` next to `make test`) waits for the
-# first and then reuses its result, instead of wiping the shared source/build dir under it
-if command -v flock >/dev/null; then
-  exec 9>"$CACHE/llama.cpp/.lock-$VERSION-$FLAVOUR-$key"
-  flock 9
-  if [ -x "$prefix/bin/llama-completion" ] && [ -f "$prefix/.complete" ]; then echo "$prefix"; exit 0; fi
-fi
 . "$ROOT/tools/build/llama_source.sh"
+llama_claim "$VERSION-$FLAVOUR-$key" "${2:-}"
 src="$CACHE/src/$VERSION-$FLAVOUR-$key"
 # shellcheck disable=SC2086  # $patches: a list of paths without spaces (native/llama_patches/*.patch)
 llama_unpack "$src" $patches

@@ -49,17 +49,8 @@ if [ "$FLAVOUR" = patched ]; then patches=$(ls "$ROOT"/native/llama_patches/*.pa
 key=$( { echo "$VERSION $FLAVOUR $TARGET ${FLAGS//$ROOT\//} $TARGETS"; "$CXX" --version | head -1;
          if [ -n "$toolchain" ]; then cat "$toolchain"; fi; for p in $patches; do cat "$p"; done; } | sha256sum | cut -c1-16)
 prefix="$CACHE/llama.cpp/$VERSION-$FLAVOUR-$TARGET-static-$key"
-if [ -x "$prefix/bin/llama-completion" ] && [ -f "$prefix/.complete" ]; then echo "$prefix"; exit 0; fi
-if [ "${3:-}" = --check ]; then exit 1; fi
-
-mkdir -p "$CACHE/sdist" "$CACHE/llama.cpp"
-# one build per key at a time (pytest workers, make edge-check next to make test): the second waits and reuses
-if command -v flock >/dev/null; then
-  exec 9>"$CACHE/llama.cpp/.lock-$VERSION-$FLAVOUR-$TARGET-static-$key"
-  flock 9
-  if [ -x "$prefix/bin/llama-completion" ] && [ -f "$prefix/.complete" ]; then echo "$prefix"; exit 0; fi
-fi
 . "$ROOT/tools/build/llama_source.sh"
+llama_claim "$VERSION-$FLAVOUR-$TARGET-static-$key" "${3:-}"
 src="$CACHE/src/$VERSION-$FLAVOUR-$TARGET-static-$key"
 # shellcheck disable=SC2086  # $patches: a list of paths without spaces (native/llama_patches/*.patch)
 llama_unpack "$src" $patches

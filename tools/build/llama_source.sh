@@ -1,5 +1,6 @@
-# Sourced by build_llama.sh, llama_cuda_check.sh and gpu_check_llama_cuda.sh (tools/build/): the pinned llama.cpp
-# source (vendored in the llama-cpp-python sdist), downloaded once into the cache and unpacked with our patches applied.
+# Sourced by build_llama.sh, build_llama_static.sh, llama_cuda_check.sh and gpu_check_llama_cuda.sh (tools/build/):
+# the pinned llama.cpp source (vendored in the llama-cpp-python sdist), downloaded once into the cache and unpacked
+# with our patches applied; the cache claim and build lock shared by the builds.
 # Needs: VERSION, CACHE, PY.
 
 # llama_sdist: path of the cached sdist (downloads it the first time)
@@ -22,4 +23,20 @@ llama_unpack() {
   tar xzf "$sdist" -C "$dir" --strip-components=1
   local p
   for p in "$@"; do patch -d "$dir/vendor/llama.cpp" -p1 --quiet < "$p"; done
+}
+
+# llama_claim NAME [--check]: the cached build $CACHE/llama.cpp/NAME. Complete: prints its prefix and ends the calling
+# script (exit 0). --check and not cached: exit 1. Otherwise returns holding NAME's build lock, so a second caller (a
+# pytest worker, `make demo` next to `make test`) waits for the first and then reuses its result instead of wiping
+# the shared source/build dir under it.
+llama_claim() {
+  local prefix="$CACHE/llama.cpp/$1"
+  if [ -x "$prefix/bin/llama-completion" ] && [ -f "$prefix/.complete" ]; then echo "$prefix"; exit 0; fi
+  if [ "${2:-}" = --check ]; then exit 1; fi
+  mkdir -p "$CACHE/sdist" "$CACHE/llama.cpp"
+  if command -v flock >/dev/null; then
+    exec 9>"$CACHE/llama.cpp/.lock-$1"
+    flock 9
+    if [ -x "$prefix/bin/llama-completion" ] && [ -f "$prefix/.complete" ]; then echo "$prefix"; exit 0; fi
+  fi
 }
