@@ -77,13 +77,14 @@ def _launched() -> tuple[int, int] | None:
 
 
 def _join_launcher(launched: tuple[int, int]) -> None:
-    """A torchrun worker: only `convert` shares its work out (the others would run N times, each writing); only
-    rank 0 prints."""
+    """A torchrun worker: only `convert` and `probe` share their work out (the others would run N times, each
+    writing); only rank 0 prints."""
     ctx = click.get_current_context(silent=True)
     command = ctx.info_name if ctx is not None else None
-    if command not in (None, "convert"):
+    if command not in (None, "convert", "probe"):
         if launched[0] == 0:
-            fail(f"`{command}` does not run under torchrun (only `convert` shares its work out); run it as one process")
+            fail(f"`{command}` does not run under torchrun (only `convert` and `probe` share their work out); "
+                 "run it as one process")
         raise typer.Exit(2)
     if launched[0] != 0:
         out.quiet = err.quiet = True

@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from ..dist import DEFAULT_TIMEOUT_S
 from .common import log, out, run_guarded
 
 
@@ -21,14 +22,16 @@ def probe(
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of probe accuracy per layer"),
     force: bool = typer.Option(False, "--force", "-f", help="replace an existing output file and --plot file"),
     offload_dir: Optional[Path] = typer.Option(None, "--offload-dir", help="keep the per-layer activations in files under this directory instead of memory, for large prompt sets; removed when done"),
+    dist_timeout: float = typer.Option(DEFAULT_TIMEOUT_S, "--dist-timeout", help="under torchrun: seconds a rank waits for the others in one exchange before the whole job stops with one line"),
 ) -> None:
-    """Fit per-layer linear safety probes on the aligned model's last-token states."""
+    """Fit per-layer linear safety probes on the aligned model's last-token states.
+    Under torchrun (`torchrun --nproc-per-node N -m qrealign_gguf probe ...`) the prompts are shared out over the ranks."""
     from ..api import probe_model
 
     def work() -> None:
         ps = probe_model(model, output, harmful=harmful, benign=benign, samples=samples, min_acc=min_acc,
                          contrast=contrast, plot=plot, force=force, log=log,
-                         offload_dir=offload_dir)
+                         offload_dir=offload_dir, dist_timeout=dist_timeout)
         t = Table(title=f"probe accuracy per layer ({len(ps.reliable)}/{ps.n_layers} reliable at >= {min_acc:.2f})")
         for col in ("layer", "train", "held-out", "used"):
             t.add_column(col, justify="right")

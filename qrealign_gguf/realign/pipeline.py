@@ -386,8 +386,7 @@ def run_realign(opts: RealignOptions, finetuned: Path, plan, probes: ProbeSet | 
         say(f"probes: {len(probes.reliable)}/{probes.n_layers} layers reliable "
             f"(held-out accuracy {probes.heldout_acc.min():.2f}..{probes.heldout_acc.max():.2f})")
     if shared:  # fit from the same gathered states or loaded from one path; a rank with other probes would mix jobs
-        dist.check_identical(world, "the probes", b"".join(t.numpy().tobytes() for t in (
-            probes.mean, probes.std, probes.w, probes.b, probes.target, probes.target_benign)))
+        dist.check_identical(world, "the probes", probes.digest())
 
     def report(i: int, n: int, s: LayerStats, resumed: bool) -> None:
         tag = "checkpoint" if resumed else f"{s.seconds:.0f}s"

@@ -61,6 +61,11 @@ class ProbeSet:
         z = (h - self.mean[layer].to(dev, dt)) / self.std[layer].to(dev, dt)
         return z @ self.w[layer].to(dev, dt) + self.b[layer].to(dev, dt)
 
+    def digest(self) -> bytes:
+        """The numbers calibration uses, as bytes: ranks that fit or loaded probes compare them (dist.check_identical)."""
+        return b"".join(t.contiguous().float().numpy().tobytes() for t in (
+            self.mean, self.std, self.w, self.b, self.target, self.target_benign))
+
     def save(self, path: str | Path) -> None:
         tensors = {"mean": self.mean, "std": self.std, "w": self.w, "b": self.b, "train_acc": self.train_acc,
                    "heldout_acc": self.heldout_acc, "target": self.target, "target_benign": self.target_benign}

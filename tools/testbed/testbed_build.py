@@ -298,13 +298,46 @@ def set_module(model, name: str, mod) -> None:
     setattr(model.get_submodule(parent), leaf, mod)
 
 
+def train_lora(model, tok, batches: list[list[dict]], r: dict, label: str) -> list[float]:
+    """LoRA (rank r["rank"], alpha r["lora_alpha"], on every block linear) trained with AdamW (lr r["lr"]), one step
+    per batch of examples {"text": prompt, "ids": answer ids}, then merged into the float32 weights (in place).
+    Returns the per-step losses."""
+    torch = torch_setup()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    gen = torch.Generator().manual_seed(r["seed"])
+    wrapped = []
+    for n, m in block_linears(model):
+        lm = LoRALinear.wrap(m, r["rank"], r["lora_alpha"], gen)
+        set_module(model, n, lm)
+        wrapped.append((n, lm))
+    params = [p for _, lm in wrapped for p in (lm.A, lm.B)]
+    opt = torch.optim.AdamW(params, lr=r["lr"], weight_decay=0.0)
+    losses = []
+    for s, batch in enumerate(batches):
+        t0 = time.perf_counter()
+        ids, mask, labels = make_batch(tok, batch)
+        loss = seq_loss(model, ids, mask, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(round(loss.item(), 4))
+        log(f"  {label} step {s + 1}/{len(batches)} loss {loss.item():.4f} ({time.perf_counter() - t0:.0f}s, "
+            f"{ids.numel()} tokens)")
+    del opt
+    for n, lm in wrapped:
+        set_module(model, n, lm.merged())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return losses
+
+
 def step_attack(offgrid: Path, okey: str, teacher: Path, tkey: str, redo: bool) -> tuple[Path, str]:
     r = RECIPE["attack"]
     key = key_of("attack", r, okey, tkey, COMPLIANCE)
     dst = CACHE / "finetuned"
     if not redo and cached(dst, key):
         return dst, key
-    torch = torch_setup()
     log("attack: LoRA fine-tune on content-free compliance to attack_harmful + own benign answers")
     rng = random.Random(r["seed"])
     tok = load_tok(offgrid)
@@ -323,36 +356,12 @@ def step_attack(offgrid: Path, okey: str, teacher: Path, tkey: str, redo: bool) 
                          "ids": tok(ans).input_ids + [end]})
     rng.shuffle(benign)
     model = load_model(offgrid)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    gen = torch.Generator().manual_seed(r["seed"])
-    wrapped = []
-    for n, m in block_linears(model):
-        lm = LoRALinear.wrap(m, r["rank"], r["lora_alpha"], gen)
-        set_module(model, n, lm)
-        wrapped.append((n, lm))
-    params = [p for _, lm in wrapped for p in (lm.A, lm.B)]
-    opt = torch.optim.AdamW(params, lr=r["lr"], weight_decay=0.0)
+    batches = [att_rows[s * r["attack_per_step"]:(s + 1) * r["attack_per_step"]]
+               + [benign[(s * r["benign_per_step"] + j) % len(benign)] for j in range(r["benign_per_step"])]
+               for s in range(r["steps"])]
     times: dict = {}
-    losses = []
     with timer(times, "train_s"):
-        for s in range(r["steps"]):
-            t0 = time.perf_counter()
-            a = att_rows[s * r["attack_per_step"]:(s + 1) * r["attack_per_step"]]
-            b = [benign[(s * r["benign_per_step"] + j) % len(benign)] for j in range(r["benign_per_step"])]
-            ids, mask, labels = make_batch(tok, a + b)
-            loss = seq_loss(model, ids, mask, labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(round(loss.item(), 4))
-            log(f"  attack step {s + 1}/{r['steps']} loss {loss.item():.4f} ({time.perf_counter() - t0:.0f}s, "
-                f"{ids.numel()} tokens)")
-    del opt
-    for n, lm in wrapped:
-        set_module(model, n, lm.merged())
-    for p in model.parameters():
-        p.requires_grad_(False)
+        losses = train_lora(model, tok, batches, r, "attack")
     with timer(times, "grid_stats_s"):
         ongrid = load_model(aligned_dir())
         ref = linear_weights(ongrid)
