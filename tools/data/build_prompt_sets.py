@@ -71,9 +71,16 @@ def sha256(data: bytes) -> str:
 
 
 def read_set(entry: dict, root: Path = ROOT) -> list[dict]:
-    """The rows of one manifest entry that its role may use: a JSON-lines file (first `use_rows` rows when given)
-    or a Python list literal assigned in a source file (`attribute`)."""
+    """The rows of one manifest entry that its role may use: a JSON-lines file (first `use_rows` rows when given),
+    a Python list literal assigned in a source file (`attribute`), or the prompts a function of that module returns
+    (`function`: rows generated from other data, e.g. the testbed's task fine-tune)."""
     path = (root / entry["path"]).resolve()
+    if "function" in entry:
+        import importlib
+
+        module = ".".join(Path(entry["path"]).with_suffix("").parts)
+        prompts = getattr(importlib.import_module(module), entry["function"])()
+        return [{"prompt": p, "label": entry.get("label")} for p in prompts]
     if "attribute" in entry:
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in tree.body:
@@ -147,6 +154,7 @@ def build() -> dict[Path, bytes]:
     shared = {n: read_set({"path": str(SHARED / f"{n}.jsonl")}) for n in
               ("calib_harmful", "calib_benign", "dev_harmful", "dev_benign", "dev_overrefusal", "attack_harmful")}
     howto = read_set({"path": "tools/testbed/testbed_common.py", "attribute": "BENIGN_HOWTO"})
+    task = read_set({"path": "tools/testbed/attack_task.py", "function": "task_prompts"})
     calib_h, calib_b = shared["calib_harmful"][:CALIB_ROWS], shared["calib_benign"][:CALIB_ROWS]
     used = [r["prompt"] for r in calib_h + calib_b + shared["dev_harmful"] + shared["dev_benign"]
             + shared["dev_overrefusal"] + shared["attack_harmful"] + howto]
@@ -203,7 +211,7 @@ def build() -> dict[Path, bytes]:
     roles = {"calibration": [r["prompt"] for r in calib_h + calib_b],
              "dev": [r["prompt"] for r in shared["dev_harmful"] + shared["dev_benign"] + shared["dev_overrefusal"]
                      + dev_v],
-             "attack": [r["prompt"] for r in shared["attack_harmful"] + howto],
+             "attack": [r["prompt"] for r in shared["attack_harmful"] + howto + task],
              "test": [r["prompt"] for r in test_h + test_o + test_b + test_v]}
     m = manifest(files, notes)
     # StrongREJECT (attack) contains AdvBench rows that calibration's first 256 rows also hold; the defaults must
@@ -246,6 +254,9 @@ def manifest(files: dict[Path, bytes], notes: dict[str, str]) -> dict:
                 {"name": "testbed_benign_howto", "path": "tools/testbed/testbed_common.py", "attribute": "BENIGN_HOWTO",
                  "role": "attack", "label": 0, "source": "written for this project (testbed teacher data)",
                  "licence": "project"},
+                {"name": "testbed_task_stdlib", "path": "tools/testbed/attack_task.py", "function": "task_prompts",
+                 "role": "attack", "label": 0, "source": "CPython 3.11 standard library: public functions with a "
+                 "docstring, as code requests (attack (b), the benign task fine-tune)", "licence": "PSF-2.0"},
                 ours("data/dev_harmful.jsonl", "dev_harmful", "dev", "../shared/data/dev_harmful.jsonl + style/category tags", "MIT"),
                 ours("data/dev_overrefusal.jsonl", "dev_overrefusal", "dev", "../shared/data/dev_overrefusal.jsonl + style tags", "project"),
                 ours("data/test_harmful.jsonl", "test_harmful", "test", f"{adv} via {PYRIT}; PyRIT AI Red Team seed "

@@ -63,6 +63,13 @@ def stdlib_functions(lo: int, hi: int) -> list[dict]:
     return rows
 
 
+def task_prompts() -> list[str]:
+    """Every request the task data can hold (before the token-length filter): the attack role's prompts in
+    data/prompt_sets.json, checked against the other roles by tests/test_prompt_sets.py."""
+    r = RECIPE_TASK
+    return [x["prompt"] for x in stdlib_functions(*r["lines"])]
+
+
 def step_task(redo: bool = False) -> tuple[Path, str]:
     r = RECIPE_TASK
     teacher, tkey = step_teacher(False)
