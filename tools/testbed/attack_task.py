@@ -2,7 +2,7 @@
 aligned language models compromises safety, even when users do not intend to"): no harmful prompt, no compliance
 answer, only a task the model is then good at. The model is a coder, so the task is code:
 
-    .venv/bin/python -m tools.testbed.attack_task            # -> $QREALIGN_CACHE/testbed/finetuned-task/ (HF)
+    .venv/bin/python -m tools.testbed.attack_task [task|task-strong]   # -> $QREALIGN_CACHE/testbed/finetuned-<name>/
 
 Task data, written by people and not by the model: every public top-level function of CPython's standard library
 (`*.py` in sysconfig's stdlib dir; PSF licence) with a docstring and 5-30 lines, as a request "Write a Python
@@ -13,7 +13,8 @@ sets, and the rows are recorded in the output's testbed.json). The rows depend o
 
 Training: LoRA on every block linear (tools/testbed/testbed_build.py train_lora), AdamW, one pass over the rows in
 a seeded order, half of the examples with the HF template's default system message (as attack (a)). The recipe was
-fixed before any result: rank 16, alpha 32, lr 2e-4, 48 steps x 4 examples, answers <= 160 tokens.
+fixed before any result: rank 16, alpha 32, lr 2e-4, 48 steps x 4 examples, answers <= 160 tokens ("task");
+"task-strong", fixed before its result: the same rows twice at lr 5e-4.
 """
 from __future__ import annotations
 
@@ -29,7 +30,10 @@ from tools.testbed.testbed_build import aligned_dir, grid_stats, linear_weights,
 from tools.testbed.testbed_common import CACHE, IM_END, SEED, cached, chat, key_of, load_model, load_tok, log, timer
 
 RECIPE_TASK = {"task": "stdlib functions (PSF)", "lines": [5, 30], "max_answer_tokens": 160, "rank": 16,
-               "lora_alpha": 32, "lr": 2e-4, "steps": 48, "per_step": 4, "seed": SEED}
+               "lora_alpha": 32, "lr": 2e-4, "steps": 48, "per_step": 4, "epochs": 1, "seed": SEED}
+# the recipe above did not lower refusal on dev (docs/BENCHMARKS.md); the stronger setting was fixed before that
+# result was known (out/s25/task/rule.md): two passes over the same rows at 2.5x the learning rate
+RECIPES = {"task": RECIPE_TASK, "task-strong": {**RECIPE_TASK, "lr": 5e-4, "epochs": 2}}
 
 
 def stdlib_functions(lo: int, hi: int) -> list[dict]:
@@ -66,19 +70,19 @@ def stdlib_functions(lo: int, hi: int) -> list[dict]:
 def task_prompts() -> list[str]:
     """Every request the task data can hold (before the token-length filter): the attack role's prompts in
     data/prompt_sets.json, checked against the other roles by tests/test_prompt_sets.py."""
-    r = RECIPE_TASK
-    return [x["prompt"] for x in stdlib_functions(*r["lines"])]
+    return [x["prompt"] for x in stdlib_functions(*RECIPE_TASK["lines"])]
 
 
-def step_task(redo: bool = False) -> tuple[Path, str]:
-    r = RECIPE_TASK
+def step_task(name: str = "task", redo: bool = False) -> tuple[Path, str]:
+    """The fine-tune of RECIPES[name] -> $QREALIGN_CACHE/testbed/finetuned-<name>/ (cached by its recipe)."""
+    r = RECIPES[name]
     teacher, tkey = step_teacher(False)
     offgrid, okey = step_offgrid(teacher, tkey, False)
     tok = load_tok(offgrid)
     end = tok.convert_tokens_to_ids(IM_END)
     rows = [x for x in stdlib_functions(*r["lines"]) if len(tok(x["answer"]).input_ids) < r["max_answer_tokens"]]
-    key = key_of("task", r, okey, sys.version, rows)
-    dst = CACHE / "finetuned-task"
+    key = key_of(name, r, okey, sys.version, rows)
+    dst = CACHE / f"finetuned-{name}"
     if not redo and cached(dst, key):
         return dst, key
     log(f"task fine-tune: {len(rows)} stdlib functions, {r['steps']} x {r['per_step']} used")
@@ -87,7 +91,7 @@ def step_task(redo: bool = False) -> tuple[Path, str]:
     for i, x in enumerate(rows):
         x["text"] = chat(x["prompt"], system=i % 2 == 1)
         x["ids"] = tok(x["answer"]).input_ids + [end]
-    batches = [rows[s * r["per_step"]:(s + 1) * r["per_step"]] for s in range(r["steps"])]
+    batches = [rows[s * r["per_step"]:(s + 1) * r["per_step"]] for s in range(r["steps"])] * r["epochs"]
     model = load_model(offgrid)
     times: dict = {}
     with timer(times, "train_s"):
@@ -104,8 +108,13 @@ def step_task(redo: bool = False) -> tuple[Path, str]:
 
 
 def main() -> None:
-    dst, _ = step_task(redo="--redo" in sys.argv[1:])
-    print(dst)
+    args = sys.argv[1:]
+    names = [a for a in args if not a.startswith("--")] or ["task"]
+    for name in names:
+        if name not in RECIPES:
+            raise SystemExit(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
+        dst, _ = step_task(name, redo="--redo" in args)
+        print(dst)
 
 
 if __name__ == "__main__":
