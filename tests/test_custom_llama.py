@@ -286,33 +286,43 @@ def test_patched_llama_runs_qr4ko_and_matches_reference(patched, ko_file, tiny, 
     assert res["QR4_KO-pure"]["kld_vs_float"] < res["Q4_K-pure"]["kld_vs_float"], res  # 4.875 vs 4.5 bpw pays off
 
 
-@pytest.mark.parametrize("use_im", [False, True], ids=["rtn", "imatrix"])
-def test_patched_llama_quantize_writes_our_bytes(patched, ko_file, tiny, tmp_path, use_im: bool) -> None:
-    """0003 patch: `llama-quantize F32.gguf out.gguf QR4_KO` picks our mix (block weights QR4_KO, token_embd
-    Q4_K, output Q6_K) and every tensor's bytes equal `qrealign-gguf convert --outtype QR4_KO`'s."""
+def quantize_like_convert(patched: LlamaBuild, model_dir: Path, tmp_path: Path, outtype: str,
+                          use_im: bool) -> tuple[dict, dict]:
+    """`llama-quantize F32.gguf out.gguf OUTTYPE [--imatrix]` next to `qrealign-gguf convert --outtype OUTTYPE`
+    with the same (random, count-1) importance: both files' tensors by name, ours first; every tensor's bytes must
+    be equal (asserted here)."""
     f32 = tmp_path / "tiny-F32.gguf"
-    convert(tiny, f32, ConvertOptions(outtype="F32"))
-    ours, theirs = ko_file, tmp_path / "tiny-QR4_KO.llama-quantize.gguf"
+    convert(model_dir, f32, ConvertOptions(outtype="F32"))
+    ours, theirs = tmp_path / f"{outtype}.qrealign.gguf", tmp_path / f"{outtype}.llama-quantize.gguf"
     cmd = [str(patched.bin("llama-quantize"))]
+    imatrix = None
     if use_im:
         imatrix = tmp_path / "tiny.imatrix.gguf"
         rng = np.random.default_rng(7)
         importance = {t.name: rng.uniform(0.1, 3.0, int(t.shape[0])).astype(np.float32)
                       for t in GGUFReader(f32).tensors if t.name.startswith("blk.") and len(t.shape) == 2}
         save_imatrix(imatrix, importance, n_tokens=1, datasets=["random"])  # count 1: the division is exact
-        ours = tmp_path / "tiny-QR4_KO-im.qrealign.gguf"
-        convert(tiny, ours, ConvertOptions(outtype="QR4_KO", imatrix=imatrix))
         cmd += ["--imatrix", str(imatrix)]
-    r = subprocess.run(cmd + [str(f32), str(theirs), "QR4_KO"], capture_output=True, text=True,
+    convert(model_dir, ours, ConvertOptions(outtype=outtype, imatrix=imatrix))
+    r = subprocess.run(cmd + [str(f32), str(theirs), outtype], capture_output=True, text=True,
                        env=patched.env(), timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     a = {t.name: t for t in GGUFReader(ours).tensors}
     b = {t.name: t for t in GGUFReader(theirs).tensors}
-    types = {n: t.tensor_type.name for n, t in a.items()}
-    assert types == {n: t.tensor_type.name for n, t in b.items()}
-    assert sorted(set(types.values())) == ["F32", "Q4_K", "Q6_K", "QR4_KO"]
+    assert {n: t.tensor_type.name for n, t in a.items()} == {n: t.tensor_type.name for n, t in b.items()}
     for n, t in a.items():
         assert np.array_equal(np.asarray(t.data).view(np.uint8), np.asarray(b[n].data).view(np.uint8)), n
+    file_type = [GGUFReader(f).fields["general.file_type"].contents() for f in (ours, theirs)]
+    assert file_type[0] == file_type[1], file_type
+    return a, b
+
+
+@pytest.mark.parametrize("use_im", [False, True], ids=["rtn", "imatrix"])
+def test_patched_llama_quantize_writes_our_bytes(patched, ko_file, tiny, tmp_path, use_im: bool) -> None:
+    """0003 patch: `llama-quantize F32.gguf out.gguf QR4_KO` picks our mix (block weights QR4_KO, token_embd
+    Q4_K, output Q6_K) and every tensor's bytes equal `qrealign-gguf convert --outtype QR4_KO`'s."""
+    a, _ = quantize_like_convert(patched, tiny, tmp_path, "QR4_KO", use_im)
+    assert sorted({t.tensor_type.name for t in a.values()}) == ["F32", "Q4_K", "Q6_K", "QR4_KO"]
     if use_im:  # the importance really steered both encoders
         rtn = {t.name: t for t in GGUFReader(ko_file).tensors}
         n = "blk.0.ffn_down.weight"

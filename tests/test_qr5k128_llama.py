@@ -18,7 +18,7 @@ from qrealign_gguf.formats.types import qtype
 from qrealign_gguf.gguf_read import GGUFReader
 from qrealign_gguf.plan import PlanInput, plan_types
 
-from test_custom_llama import _ggml, _llama_vs_reference, _realign_tiny, patched  # noqa: F401 - patched: a fixture
+from test_custom_llama import _ggml, _llama_vs_reference, _realign_tiny, patched, quantize_like_convert  # noqa: F401 - patched: a fixture
 from tiny_models import make_tiny_llama
 
 T = qtype("QR5_K128")
@@ -287,6 +287,16 @@ def test_patched_llama_runs_and_matches_reference(patched, k128_file, tiny, tmp_
     assert res["QR4_K_M"]["kld_vs_dequant"] < 2 * noise["kld_vs_dequant"] + 1e-5, res
     assert res["QR4_K_M"]["max_diff"] < 2 * noise["max_diff"] + 1e-3, res
     assert res["QR4_K_M"]["kld_vs_float"] < res["Q4_K_M"]["kld_vs_float"], res  # QR5_K128 beats Q5_0
+
+
+@pytest.mark.parametrize("outtype", ["QR4_K_M", "QR5_K_M"])
+@pytest.mark.parametrize("use_im", [False, True], ids=["rtn", "imatrix"])
+def test_patched_llama_quantize_writes_our_bytes(patched, tiny, tmp_path, outtype: str, use_im: bool) -> None:  # noqa: F811
+    """0008 patch: `llama-quantize F32.gguf out.gguf QR4_K_M|QR5_K_M` writes the same tensor bytes and file type
+    as `qrealign-gguf convert --outtype ...`: the Q4_K_M / Q5_K_M mix with QR5_K128 where K blocks do not fit."""
+    a, _ = quantize_like_convert(patched, tiny, tmp_path, outtype, use_im)
+    types = {t.tensor_type.name for t in a.values()}
+    assert "QR5_K128" in types and not types & {"Q5_0", "Q5_1"}, types
 
 
 # ---- realignment targets QR5_K128 ------------------------------------------------------------------
