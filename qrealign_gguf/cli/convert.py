@@ -145,8 +145,9 @@ def _print_budget(b: RealignBudget) -> None:
     verdict = "fits" if b.fits else "[bold red]does not fit[/]"
     out.print(f"realignment on {b.device}, {b.ranks} rank(s): ~{b.total_bytes / gib:.1f} GiB {where} memory per rank "
               f"({parts} GiB); {b.available_bytes / gib:.1f} GiB free: {verdict}")
-    out.print(f"time: ~{b.seconds_per_layer:.0f} s per layer x {b.n_layers} layers = ~{b.seconds_per_layer * b.n_layers / 60:.0f} "
-              f"min (rough: rates measured now under this machine's current load, not calibrated on real runs)")
+    total_min = b.seconds_per_layer * b.n_layers / 60
+    out.print(f"time: ~{b.seconds_per_layer:.0f} s per layer x {b.n_layers} layers = ~{total_min:.0f} min (rough: rates "
+              f"measured now under this machine's current load; on an idle machine it matched one real 0.5B run)")
     if not b.fits:
         try:
             b.check()
