@@ -20,16 +20,8 @@ key=$( { echo "$VERSION $FLAVOUR $FLAGS $TARGETS"; for p in $patches; do cat "$p
 prefix="$CACHE/llama.cpp/$VERSION-$FLAVOUR-$key"
 . "$ROOT/tools/build/llama_source.sh"
 llama_claim "$VERSION-$FLAVOUR-$key" "${2:-}"
-src="$CACHE/src/$VERSION-$FLAVOUR-$key"
 # shellcheck disable=SC2086  # $patches: a list of paths without spaces (native/llama_patches/*.patch)
-llama_unpack "$src" $patches
-lsrc="$src/vendor/llama.cpp"
-
-launcher=""
-command -v ccache >/dev/null && launcher="-DCMAKE_C_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_COMPILER_LAUNCHER=ccache"
-# A fixed build dir keeps ccache hits across source-dir changes (ccache hashes relative paths with base_dir).
-export CCACHE_BASEDIR="$src" CCACHE_NOHASHDIR=1
-build="$src/build"
+llama_workdir "$VERSION-$FLAVOUR-$key" $patches
 echo "building llama.cpp $VERSION ($FLAVOUR) -> $prefix (first time ~13 min on 2 cores)" >&2
 cmake -S "$lsrc" -B "$build" $FLAGS $launcher -DCMAKE_INSTALL_PREFIX="$prefix" -DCMAKE_BUILD_RPATH='$ORIGIN/../lib;$ORIGIN' >&2
 cmake --build "$build" -j"$(nproc)" --target $TARGETS >&2

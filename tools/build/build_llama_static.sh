@@ -51,15 +51,8 @@ key=$( { echo "$VERSION $FLAVOUR $TARGET ${FLAGS//$ROOT\//} $TARGETS"; "$CXX" --
 prefix="$CACHE/llama.cpp/$VERSION-$FLAVOUR-$TARGET-static-$key"
 . "$ROOT/tools/build/llama_source.sh"
 llama_claim "$VERSION-$FLAVOUR-$TARGET-static-$key" "${3:-}"
-src="$CACHE/src/$VERSION-$FLAVOUR-$TARGET-static-$key"
 # shellcheck disable=SC2086  # $patches: a list of paths without spaces (native/llama_patches/*.patch)
-llama_unpack "$src" $patches
-lsrc="$src/vendor/llama.cpp"
-
-launcher=""
-command -v ccache >/dev/null && launcher="-DCMAKE_C_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_COMPILER_LAUNCHER=ccache"
-export CCACHE_BASEDIR="$src" CCACHE_NOHASHDIR=1  # hits across source dirs (a patch change rebuilds what it touches)
-build="$src/build"
+llama_workdir "$VERSION-$FLAVOUR-$TARGET-static-$key" $patches
 echo "building static llama.cpp $VERSION ($FLAVOUR, $TARGET) -> $prefix (first time ~10 CPU-minutes)" >&2
 # shellcheck disable=SC2086  # $FLAGS / $launcher: word lists
 cmake -S "$lsrc" -B "$build" $FLAGS $launcher >&2

@@ -40,3 +40,19 @@ llama_claim() {
     if [ -x "$prefix/bin/llama-completion" ] && [ -f "$prefix/.complete" ]; then echo "$prefix"; exit 0; fi
   fi
 }
+
+# llama_workdir NAME [PATCH...]: the patched source unpacked fresh into $CACHE/src/NAME, and for the cmake calls that
+# follow it sets src (that dir, removed when the build is installed), lsrc (its llama.cpp), build (the build dir) and
+# launcher (ccache flags when ccache exists). A fixed build dir inside src keeps ccache hits across source-dir
+# changes (ccache hashes relative paths with base_dir): a patch change rebuilds only what it touches.
+llama_workdir() {
+  src="$CACHE/src/$1"; shift
+  llama_unpack "$src" "$@"
+  lsrc="$src/vendor/llama.cpp"
+  build="$src/build"
+  launcher=""
+  if command -v ccache >/dev/null; then
+    launcher="-DCMAKE_C_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_COMPILER_LAUNCHER=ccache"
+  fi
+  export CCACHE_BASEDIR="$src" CCACHE_NOHASHDIR=1
+}
