@@ -279,7 +279,8 @@ def evaluate_models(models: list[str | Path], *, harmful: str | Path | None = No
                     judge: str | Path | None = None, max_new_tokens: int = 128, limit: int | None = None,
                     n_parallel: int = 8, threads: int = 0, kld: bool = True, chat_template: str = "jinja",
                     cache_dir: str | Path | None = None, json_out: str | Path | None = None,
-                    plot: str | Path | None = None, force: bool = False, log: Log | None = None) -> dict:
+                    plot: str | Path | None = None, force: bool = False, log: Log | None = None,
+                    system: str | None = None) -> dict:
     """Refusal, over-refusal, helpfulness and KLD of GGUF files / HF directories (`qrealign-gguf eval`); returns the
     report (evaluate/report.py), also written to `json_out` / plotted to `plot` when given."""
     from .evaluate.report import plot_report, write_json
@@ -294,7 +295,7 @@ def evaluate_models(models: list[str | Path], *, harmful: str | Path | None = No
     t0 = time.perf_counter()
     report = run_eval([Path(m) for m in models], _path(harmful), _path(benign), _path(overrefusal), _path(reference),
                       _path(judge), max_new_tokens, limit, n_parallel, threads, kld=kld, template=chat_template,
-                      log=log, cache_dir=_path(cache_dir))
+                      log=log, cache_dir=_path(cache_dir), system=system)
     report["settings"]["seconds"] = round(time.perf_counter() - t0, 1)
     if js is not None:
         js.parent.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ def eval_command(
     threads: int = typer.Option(0, "--threads", "-t", help="CPU threads (0 = all cores)"),
     no_kld: bool = typer.Option(False, "--no-kld", help="skip perplexity / KL divergence"),
     chat_template: str = typer.Option("jinja", "--chat-template", help="GGUF prompt formatting: jinja (the GGUF's template, as llama-server/llama-cli and transformers render it) or builtin (llama_chat_apply_template, like --no-jinja)"),
+    system: Optional[str] = typer.Option(None, "--system", help="system message before every prompt, e.g. your deployment's (default: the chat template's own)"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG plot"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the full report (with every answer) as JSON"),
     cache: Optional[Path] = typer.Option(None, "--cache", help="directory keeping generated answers (keyed by model content, prompts, settings) for reruns"),
@@ -35,7 +36,8 @@ def eval_command(
         report = evaluate_models(models, harmful=harmful, benign=benign, overrefusal=overrefusal, reference=reference,
                                  judge=judge, max_new_tokens=max_new_tokens, limit=limit, n_parallel=n_parallel,
                                  threads=threads, kld=not no_kld, chat_template=chat_template, cache_dir=cache,
-                                 json_out=json_out, plot=plot, force=force, log=log)
+                                 json_out=json_out, plot=plot, force=force, log=log,
+                                 system=system)
         print_table(report, out)
         for f in (json_out, plot):
             if f is not None:

@@ -6,8 +6,8 @@ transformers (the full-precision reference).
     score_gguf / score_hf          next-token log-probabilities of candidate answers (the model-as-judge)
     greedy_hf(model, pad_id, seqs)  the one HF greedy loop (generate_hf and tools/testbed/testbed_common.py use it)
 
-Each prompt becomes a single user turn; the chat template adds its own default system prompt if it has one
-(SmolLM2 and Qwen2.5 templates do) -- exactly what llama-server / llama-cli (jinja on by default) and
+Each prompt becomes a single user turn, after the given system message (`eval --system`) or else the chat
+template's own default system prompt if it has one (SmolLM2 and Qwen2.5 templates do) -- exactly what llama-server / llama-cli (jinja on by default) and
 transformers' apply_chat_template produce, so GGUF and HF runs see the same tokens.
 """
 from __future__ import annotations
@@ -44,20 +44,25 @@ def _run_gguf(op: str, path: str | Path, fields: dict, build: LlamaBuild | None,
 
 
 def generate_gguf(path: str | Path, prompts: Sequence, max_new_tokens: int = 128, n_parallel: int = 8,
-                  threads: int = 0, *, template: str = "jinja", build: LlamaBuild | None = None,
+                  threads: int = 0, *, template: str = "jinja", system: str | None = None,
+                  build: LlamaBuild | None = None,
                   progress: Progress | None = stderr_progress, stats: dict | None = None) -> list[str]:
     """Greedy answers of a GGUF model to each prompt (one user turn each), n_parallel sequences per batch.
 
     threads=0: all cores this process may use (llama.cpp's own default is 4). template: "jinja" (the GGUF's
-    template rendered like llama.cpp's default chat path) or "builtin" (llama_chat_apply_template). If `stats` is a dict it receives the generated
-    token ids ("tokens") and timing ("seconds", "generated_tokens", "prompt_tokens", "n_parallel").
+    template rendered like llama.cpp's default chat path) or "builtin" (llama_chat_apply_template). system: a
+    system message before each user turn (None: the template's default; chat.chat_messages). If `stats` is a dict
+    it receives the generated token ids ("tokens") and timing ("seconds", "generated_tokens", "prompt_tokens",
+    "n_parallel").
     """
     texts = _texts(prompts)
     if not texts:
         return []
-    res = _run_gguf("generate", path, {"prompts": texts, "max_new_tokens": int(max_new_tokens),
-                                       "n_parallel": int(n_parallel), "threads": int(threads), "template": template},
-                    build, progress)
+    fields = {"prompts": texts, "max_new_tokens": int(max_new_tokens), "n_parallel": int(n_parallel),
+              "threads": int(threads), "template": template}
+    if system is not None:
+        fields["system"] = system
+    res = _run_gguf("generate", path, fields, build, progress)
     if stats is not None:
         stats.update(res["stats"], tokens=res["tokens"])
     return res["texts"]
@@ -142,7 +147,7 @@ def greedy_hf(model, pad_id: int, seqs: list[list[int]], max_new_tokens: int, ba
 
 
 def generate_hf(model_dir: str | Path, prompts: Sequence, max_new_tokens: int = 128, batch_size: int = 8,
-                threads: int = 0, *, progress: Progress | None = stderr_progress,
+                threads: int = 0, *, system: str | None = None, progress: Progress | None = stderr_progress,
                 stats: dict | None = None) -> list[str]:
     """Greedy answers from a Hugging Face model directory (float32, left-padded batches, chat template)."""
     import time
@@ -159,7 +164,7 @@ def generate_hf(model_dir: str | Path, prompts: Sequence, max_new_tokens: int = 
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [tok.eos_token_id])
     t0 = time.perf_counter()
     try:
-        rows = greedy_hf(model, tok.pad_token_id, [chat_ids(tok, t) for t in texts], max_new_tokens, batch_size,
+        rows = greedy_hf(model, tok.pad_token_id, [chat_ids(tok, t, system=system) for t in texts], max_new_tokens, batch_size,
                          eos_ids, progress=progress)
     finally:
         _end_progress(progress)

@@ -56,7 +56,9 @@ def print_table(report: dict, console: Console | None = None) -> None:
     judge = report.get("judge", {})
     two = judge.get("primary") == "model"
     vs = report["variants"]
-    t = Table(title=f"qrealign-gguf eval (refusal judge: {'model' if two else 'keyword'})")
+    system = report.get("settings", {}).get("system")
+    under = "" if system is None else f", system message: {system[:60]!r}{'...' if len(system) > 60 else ''}"
+    t = Table(title=f"qrealign-gguf eval (refusal judge: {'model' if two else 'keyword'}{under})")
     cols: list[tuple[str, object]] = [("model", lambda v: v["name"])]
     for sec, head in (("harmful", "harmful\nrefused"), ("overrefusal", "over-\nrefusal")):
         if any(v.get(sec) for v in vs):

