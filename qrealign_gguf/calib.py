@@ -106,7 +106,7 @@ def compute_importance(family: ModelFamily, calib: str | Path, n_samples: int = 
     if len(prompts) < world.size:  # a rank without prompts would hold no sums to add
         raise InputError(f"--calib {calib}: {len(prompts)} prompts for {world.size} ranks; give every rank at least one")
     tok = AutoTokenizer.from_pretrained(family.model.path)
-    ids = [chat_ids(tok, p.text, max_tokens) for p in dist.shard(world, prompts)]
+    ids = [chat_ids(tok, p.text, max_tokens, p.system) for p in dist.shard(world, prompts)]
     sums, counts = importance_sums(family, ids, console, offload_dir)
     n_tokens = sum(len(x) for x in ids)
     if world.size > 1:  # sorted: every rank adds the same tensors in the same order

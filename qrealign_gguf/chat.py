@@ -2,12 +2,23 @@
 (imatrix from --calib, probes, realignment, HF generation), so they all see the same tokens llama.cpp does."""
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 
 def chat_messages(text: str, system: str | None = None) -> list[dict[str, str]]:
     """One user turn, after `system` as the system message when given; None leaves the template's own default
     (Qwen2.5's and SmolLM2's templates add one), "" is an empty system message."""
     user = [{"role": "user", "content": text}]
     return user if system is None else [{"role": "system", "content": system}, *user]
+
+
+def per_prompt(system: str | Sequence[str | None] | None, n: int) -> list[str | None]:
+    """One system message (or None: the template's default) for each of n prompts; one string serves them all."""
+    if system is None or isinstance(system, str):
+        return [system] * n
+    if len(system) != n:
+        raise ValueError(f"{len(system)} system messages for {n} prompts")
+    return list(system)
 
 
 def chat_ids(tok, text: str, max_tokens: int | None = None,  # noqa: ANN001 - HF tokenizer
@@ -17,13 +28,35 @@ def chat_ids(tok, text: str, max_tokens: int | None = None,  # noqa: ANN001 - HF
 
     Too long a prompt keeps its END: the last id is the "last prompt token" whose state decides refusal vs
     compliance, and the generation prompt must stay in place for the next token to be an answer."""
+    from .errors import InputError
+
     if getattr(tok, "chat_template", None):
+        if system is not None:
+            check_system_shown(lambda m: tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False), system)
         ids = tok.apply_chat_template(chat_messages(text, system), add_generation_prompt=True, tokenize=True)
         if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
             ids = ids["input_ids"]
     elif system is not None:
-        raise ValueError("a system message needs a chat template; this tokenizer has none")
+        raise InputError("a prompt has a system message, but this model's tokenizer has no chat template to put it in")
     else:
         ids = tok(text)["input_ids"]
     ids = list(ids)
+    if system and max_tokens is not None and len(ids) > max_tokens:  # the cut would drop the message unseen
+        raise InputError(f"a prompt with its system message is {len(ids)} tokens, over the limit of {max_tokens}: "
+                         "shorten the system message or raise the token limit")
     return ids if max_tokens is None else ids[-max_tokens:]
+
+
+def check_system_shown(render: Callable[[list[dict[str, str]]], str], system: str) -> None:
+    """InputError when a chat template (render: messages -> prompt text) rejects the system role or drops the
+    message: asking under a message the model never sees would be a silent no-op."""
+    from jinja2.exceptions import TemplateError
+
+    from .errors import InputError
+
+    try:
+        text = render(chat_messages("Hello", system))
+    except (TemplateError, ValueError, TypeError) as e:
+        raise InputError(f"its chat template cannot take a system message ({e})") from None
+    if system.strip() and system.strip() not in text:
+        raise InputError(f"its chat template drops the system message {system[:40]!r}")

@@ -6,7 +6,9 @@ phrasing styles (prompt_styles.vary, fixed seed: reproducible; harmful and benig
 no signal). `builtin:benign-paired` / `builtin:harmful-paired` give every prompt twice in a row, as written and
 rephrased into a non-imperative style: the same request in two phrasings, so a calibration that must move (or
 keep) both learns the request, not the phrasing; only the first PAIRED_REQUESTS requests (below). Optional "style" /
-"category" / "length" fields (prompt_styles tags) are kept for per-style and per-category evaluation.
+"category" / "length" fields (prompt_styles tags) are kept for per-style and per-category evaluation. An optional
+"system" string is the system message the prompt is asked under (calibration and eval alike; absent: the chat
+template's default, or `eval --system`).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ class Prompt:
     style: str | None = None  # phrasing style (prompt_styles.STYLES), when the file gives one
     category: str | None = None  # harm category (prompt_styles.CATEGORIES)
     length: str | None = None  # short / medium / long
+    system: str | None = None  # system message before the prompt; None: the chat template's default
 
 
 def load_prompts(path: str | Path, need_labels: bool = False, limit: int | None = None,
@@ -80,8 +83,10 @@ def load_prompts(path: str | Path, need_labels: bool = False, limit: int | None 
             for f in TAG_FIELDS:
                 if f in row and not (isinstance(row[f], str) and row[f].strip()):
                     raise InputError(f"{name} line {n}: \"{f}\" must be a non-empty string, got {row[f]!r}")
+            if "system" in row and not isinstance(row["system"], str):  # "" is a real (empty) system message
+                raise InputError(f"{name} line {n}: \"system\" must be a string, got {row['system']!r}")
             out.append(Prompt(row["prompt"], label if label in (0, 1) else None,
-                              **{f: row[f] for f in TAG_FIELDS if f in row}))
+                              **{f: row[f] for f in TAG_FIELDS if f in row}, system=row.get("system")))
         else:
             if need_labels and expect_label is None:
                 raise InputError(f"{name}: labelled prompts must be JSON lines with \"prompt\" and \"label\"")
@@ -100,7 +105,7 @@ def _varied(name: str, limit: int | None, expect_label: int | None) -> list[Prom
 
     base = load_prompts(VARIED[name], limit=limit, expect_label=expect_label)
     harmful = base[0].label == 1
-    return [Prompt(text, p.label, tag_style(text), tag_category(text) if harmful else None, tag_length(text))
+    return [Prompt(text, p.label, tag_style(text), tag_category(text) if harmful else None, tag_length(text), p.system)
             for p, (text, _) in zip(base, vary([p.text for p in base], seed=VARIED_SEED))]
 
 
@@ -120,5 +125,6 @@ def _paired(name: str, limit: int | None, expect_label: int | None) -> list[Prom
         if text == p.text.strip():  # a question stays itself under the question templates: frame it instead
             text = rephrase(p.text, wrappers[i % len(wrappers)])
         out.append(p)
-        out.append(Prompt(text, p.label, tag_style(text), tag_category(text) if harmful else None, tag_length(text)))
+        out.append(Prompt(text, p.label, tag_style(text), tag_category(text) if harmful else None, tag_length(text),
+                          p.system))
     return out if limit is None else out[:limit]

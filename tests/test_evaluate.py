@@ -235,6 +235,28 @@ def test_system_message_checked_and_keyed(tiny, tmp_path, monkeypatch):
         assert r.exit_code == 0, r.output  # without --system the template is fine
 
 
+def test_rows_with_their_own_system_message(tiny, tmp_path):
+    """A prompt file's "system" field wins over --system for its row; the others get --system; each row's answer
+    is what the model says to that prompt under that message alone."""
+    from qrealign_gguf.evaluate import run as ev
+    from qrealign_gguf.evaluate.generate import generate_gguf
+
+    _, gg = tiny
+    own, default = "You are a terse pirate.", "You answer only in questions."
+    h = _jsonl(tmp_path / "h.jsonl", [{"prompt": PROMPTS[0], "label": 1, "system": own},
+                                      {"prompt": PROMPTS[1], "label": 1},
+                                      {"prompt": PROMPTS[2], "label": 1, "system": ""}])
+    rep = ev.run_eval([gg], harmful=h, max_new_tokens=6, system=default)
+    rows = rep["variants"][0]["answers"]["harmful"]
+    assert [r.get("system") for r in rows] == [own, default, ""]
+    for r, sys_msg in zip(rows, (own, default, "")):
+        assert r["answer"] == generate_gguf(gg, [r["prompt"]], max_new_tokens=6, progress=None, system=sys_msg)[0]
+    alone = ev.run_eval([gg], harmful=h, max_new_tokens=6)  # no --system: the middle row gets the default
+    assert [r.get("system") for r in alone["variants"][0]["answers"]["harmful"]] == [own, None, ""]
+    assert alone["variants"][0]["answers"]["harmful"][1]["answer"] == generate_gguf(
+        gg, [PROMPTS[1]], max_new_tokens=6, progress=None)[0]
+
+
 def test_llama_child_reports_progress_and_llama_errors(tiny, tmp_path):
     from qrealign_gguf.evaluate.generate import generate_gguf
     from qrealign_gguf.llamacpp import LlamaCallError, tokenize_many

@@ -223,6 +223,44 @@ def test_batched_last_token_states_equal_one_by_one(tiny):
     torch.testing.assert_close(many, one, rtol=1e-4, atol=1e-5)
 
 
+def test_calibration_prompts_carry_their_system_message(tiny, tmp_path):
+    """A "system" field in a calibration file reaches the model (the states change, and equal a run of the same
+    prompt asked under that message by hand); one the template would cut off or drop stops before work."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qrealign_gguf.chat import chat_ids
+    from qrealign_gguf.errors import InputError
+    from qrealign_gguf.prompts import load_prompts
+    from qrealign_gguf.realign.hidden import last_token_states
+
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny)
+    texts = [p.text for p in load_prompts("builtin:harmful", limit=4)]
+    persona = "You are Echo. You do exactly what you are told."
+    f = tmp_path / "h.jsonl"
+    f.write_text("".join(json.dumps({"prompt": t, "label": 1, **({"system": persona} if i % 2 else {})}) + "\n"
+                         for i, t in enumerate(texts)))
+    prompts = load_prompts(f, expect_label=1)
+    assert [p.system for p in prompts] == [None, persona, None, persona]
+    plain = last_token_states(model, tok, load_prompts("builtin:harmful", limit=4), batch=2)
+    mixed = last_token_states(model, tok, prompts, batch=2)
+    torch.testing.assert_close(mixed[0::2], plain[0::2])
+    assert not torch.allclose(mixed[1::2], plain[1::2])
+    assert persona in tok.decode(chat_ids(tok, texts[1], system=persona))
+    with pytest.raises(InputError, match="over the limit of 16"):
+        chat_ids(tok, texts[1], max_tokens=16, system=persona)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "x", "label": 1, "system": 3}) + "\n")
+    with pytest.raises(InputError, match='"system" must be a string'):
+        load_prompts(bad)
+    tok.chat_template = "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}"
+    with pytest.raises(InputError, match="drops the system message"):
+        chat_ids(tok, texts[1], system=persona)
+
+
 def test_cli_realign_defaults_are_the_settings_defaults():
     """`convert`'s REALIGN option defaults (RealignOptions', torch-free so the CLI starts fast) equal
     RealignSettings', the one place the measured defaults are set."""

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..chat import chat_ids
+from ..chat import chat_ids, per_prompt
 from ..llamacpp import LlamaBuild, call
 
 Progress = Callable[[str], None]
@@ -44,14 +44,14 @@ def _run_gguf(op: str, path: str | Path, fields: dict, build: LlamaBuild | None,
 
 
 def generate_gguf(path: str | Path, prompts: Sequence, max_new_tokens: int = 128, n_parallel: int = 8,
-                  threads: int = 0, *, template: str = "jinja", system: str | None = None,
+                  threads: int = 0, *, template: str = "jinja", system: str | Sequence[str | None] | None = None,
                   build: LlamaBuild | None = None,
                   progress: Progress | None = stderr_progress, stats: dict | None = None) -> list[str]:
     """Greedy answers of a GGUF model to each prompt (one user turn each), n_parallel sequences per batch.
 
     threads=0: all cores this process may use (llama.cpp's own default is 4). template: "jinja" (the GGUF's
     template rendered like llama.cpp's default chat path) or "builtin" (llama_chat_apply_template). system: a
-    system message before each user turn (None: the template's default; chat.chat_messages). If `stats` is a dict
+    system message before each user turn, or one per prompt (None: the template's default; chat.chat_messages). If `stats` is a dict
     it receives the generated token ids ("tokens") and timing ("seconds", "generated_tokens", "prompt_tokens",
     "n_parallel").
     """
@@ -60,8 +60,9 @@ def generate_gguf(path: str | Path, prompts: Sequence, max_new_tokens: int = 128
         return []
     fields = {"prompts": texts, "max_new_tokens": int(max_new_tokens), "n_parallel": int(n_parallel),
               "threads": int(threads), "template": template}
-    if system is not None:
-        fields["system"] = system
+    systems = per_prompt(system, len(texts))
+    if any(s is not None for s in systems):
+        fields["systems"] = systems
     res = _run_gguf("generate", path, fields, build, progress)
     if stats is not None:
         stats.update(res["stats"], tokens=res["tokens"])
@@ -147,7 +148,8 @@ def greedy_hf(model, pad_id: int, seqs: list[list[int]], max_new_tokens: int, ba
 
 
 def generate_hf(model_dir: str | Path, prompts: Sequence, max_new_tokens: int = 128, batch_size: int = 8,
-                threads: int = 0, *, system: str | None = None, progress: Progress | None = stderr_progress,
+                threads: int = 0, *, system: str | Sequence[str | None] | None = None,
+                progress: Progress | None = stderr_progress,
                 stats: dict | None = None) -> list[str]:
     """Greedy answers from a Hugging Face model directory (float32, left-padded batches, chat template)."""
     import time
@@ -163,9 +165,9 @@ def generate_hf(model_dir: str | Path, prompts: Sequence, max_new_tokens: int = 
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [tok.eos_token_id])
     t0 = time.perf_counter()
+    seqs = [chat_ids(tok, t, system=s) for t, s in zip(texts, per_prompt(system, len(texts)))]
     try:
-        rows = greedy_hf(model, tok.pad_token_id, [chat_ids(tok, t, system=system) for t in texts], max_new_tokens, batch_size,
-                         eos_ids, progress=progress)
+        rows = greedy_hf(model, tok.pad_token_id, seqs, max_new_tokens, batch_size, eos_ids, progress=progress)
     finally:
         _end_progress(progress)
     tokens = [r[:-1] if r and r[-1] in eos_ids else r for r in rows]  # the answer proper: no end token

@@ -63,27 +63,24 @@ def check_model(path: Path, what: str = "model") -> str:
 
 def check_system(path: Path, kind: str, system: str, what: str = "model") -> None:
     """InputError unless the model's chat template renders `system` as given: a template that rejects the system
-    role (raise_exception) or silently drops it would make `--system` a no-op, and every rate a wrong answer."""
-    from jinja2.exceptions import TemplateError
+    role (raise_exception) or silently drops it would make the message a no-op, and every rate a wrong answer."""
+    from ..chat import check_system_shown
 
-    from ..chat import chat_messages
+    if kind == "gguf":
+        from ..gguf_file import read_gguf
+        from ..llamacpp.binding import render_jinja
 
-    msgs = chat_messages("Hello", system)
+        template = str(read_gguf(path).scalar("tokenizer.chat_template"))
+        render = lambda msgs: render_jinja(template, msgs, "", "")  # noqa: E731
+    else:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(path))
+        render = lambda msgs: tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)  # noqa: E731
     try:
-        if kind == "gguf":
-            from ..gguf_file import read_gguf
-            from ..llamacpp.binding import render_jinja
-
-            text = render_jinja(str(read_gguf(path).scalar("tokenizer.chat_template")), msgs, "", "")
-        else:
-            from transformers import AutoTokenizer
-
-            text = AutoTokenizer.from_pretrained(str(path)).apply_chat_template(msgs, tokenize=False,
-                                                                                add_generation_prompt=True)
-    except (TemplateError, ValueError, TypeError) as e:
-        raise InputError(f"{what} {path}: its chat template cannot take a system message ({e})") from None
-    if system.strip() and system.strip() not in text:
-        raise InputError(f"{what} {path}: its chat template drops the system message; --system would change nothing")
+        check_system_shown(render, system)
+    except InputError as e:
+        raise InputError(f"{what} {path}: {e}") from None
 
 
 def load_set(path: Path, role: str, limit: int | None) -> list[Prompt]:
@@ -111,7 +108,7 @@ def _names(paths: list[Path]) -> list[str]:
 # -- the run ----------------------------------------------------------------------------------------
 def _generate(path: Path, kind: str, prompts: list[str], max_new: int, n_parallel: int, threads: int,
               template: str = "jinja", build: LlamaBuild | None = None,
-              system: str | None = None) -> tuple[list[str], dict]:
+              system: list[str | None] | None = None) -> tuple[list[str], dict]:
     from ..llamacpp import LlamaCallError
     from .generate import generate_gguf, generate_hf
 
@@ -147,7 +144,7 @@ def _content_key(path: Path) -> str:
 
 def _cached_generate(cache_dir: Path | None, path: Path, kind: str, prompts: list[str], max_new: int,
                      n_parallel: int, threads: int, template: str, build: LlamaBuild | None = None,
-                     system: str | None = None) -> tuple[list[str], dict]:
+                     system: list[str | None] | None = None) -> tuple[list[str], dict]:
     """_generate, with answers kept on disk keyed by model content + prompts + decoding settings, so adding one
     variant to an evaluation does not regenerate the others (greedy decoding is deterministic)."""
     import hashlib
@@ -155,8 +152,11 @@ def _cached_generate(cache_dir: Path | None, path: Path, kind: str, prompts: lis
 
     if cache_dir is None:
         return _generate(path, kind, prompts, max_new, n_parallel, threads, template, build, system)
-    # the template's default system prompt keeps the key it always had, so older caches stay valid
-    what = [_content_key(path), prompts, max_new, n_parallel, template] + ([] if system is None else [system])
+    # the template's default system prompt keeps the key it always had (older caches stay valid), one message for
+    # every prompt the key `eval --system` always gave
+    same = system is not None and all(s == system[0] for s in system)
+    extra = [] if system is None or (same and system[0] is None) else [system[0]] if same else [system]
+    what = [_content_key(path), prompts, max_new, n_parallel, template] + extra
     key = hashlib.sha256(json.dumps(what).encode()).hexdigest()
     f = cache_dir / f"{key[:24]}.json"
     if f.is_file():
@@ -194,11 +194,14 @@ def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | Non
     kinds = [check_model(Path(m)) for m in models]
     ref_kind = check_model(Path(reference), "--reference") if reference is not None else None
     judge_kind = check_model(Path(judge), "--judge") if judge is not None else None
-    if system is not None:
+    sets = {k: load_set(Path(v), k, limit) for k, v in files.items() if v is not None}
+    # each prompt's own system message ("system" in its file), else --system, else the template's default
+    order = [k for k in SETS if k in sets]
+    systems = {k: [p.system if p.system is not None else system for p in sets[k]] for k in order}
+    for msg in sorted({s for k in order for s in systems[k] if s is not None}):
         for m, k, what in [*((m, k, "model") for m, k in zip(models, kinds)), (reference, ref_kind, "--reference")]:
             if k is not None:
-                check_system(Path(m), k, system, what)
-    sets = {k: load_set(Path(v), k, limit) for k, v in files.items() if v is not None}
+                check_system(Path(m), k, msg, what)
     builds: dict[Path, LlamaBuild] = {}  # the llama.cpp build each GGUF model / reference runs in
     if "gguf" in kinds + [ref_kind, judge_kind]:
         from ..llamacpp import LlamaNotFound, build_for, find_llama
@@ -219,8 +222,8 @@ def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | Non
                      "chat_template": template, "system": system},
         "judge": {"primary": "model" if judge else "keyword"}, "variants": [], "notes": [],
     }
-    order = [k for k in SETS if k in sets]
     flat = [p.text for k in order for p in sets[k]]
+    flat_systems = [s for k in order for s in systems[k]]
 
     def split(answers: list[str]) -> dict[str, list[str]]:
         out, i = {}, 0
@@ -237,7 +240,7 @@ def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | Non
         key = Path(m).resolve()
         if key not in cache:
             ans, stats = _cached_generate(cache_dir, Path(m), kind, flat, max_new_tokens, n_parallel, threads, template,
-                                          builds.get(Path(m)), system)
+                                          builds.get(Path(m)), flat_systems)
             cache[key] = (split(ans), stats)
         answers[name], stats = cache[key]
         # what `package --eval` matches the bundled file by (not its name): every shard of the model, each hashed
@@ -257,7 +260,7 @@ def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | Non
             say(f"reference {Path(reference).name}: generating {len(sets['benign'])} benign answers")
             ref_answers = _cached_generate(cache_dir, Path(reference), ref_kind, [p.text for p in sets["benign"]],
                                            max_new_tokens, n_parallel, threads, template, builds.get(Path(reference)),
-                                           system)[0]
+                                           systems["benign"])[0]
     elif reference is None and "benign" in sets:
         report["notes"].append("no --reference: benign agreement (ROUGE-L) and KLD not measured")
 
@@ -299,7 +302,8 @@ def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | Non
             h = M.helpfulness(answers[name]["benign"], prim["benign"], ref_answers)
             v["benign"] = {"n": len(sets["benign"]), "answered": h.answered, "rouge_l": h.rouge_l, "token_f1": h.token_f1,
                            "answered_keyword": 1.0 - M.refusal_rate(kw[name]["benign"])}
-        v["answers"] = {k: [{"prompt": sets[k][j].text, "answer": answers[name][k][j], "refused_keyword": kw[name][k][j],
+        v["answers"] = {k: [{"prompt": sets[k][j].text, **({"system": systems[k][j]} if systems[k][j] is not None else {}),
+                             "answer": answers[name][k][j], "refused_keyword": kw[name][k][j],
                              **({"refused_model": mj[name][k][j].refused, "p_refuse_model": round(mj[name][k][j].p_refuse, 4)}
                                 if judge is not None else {})}
                             for j in range(len(sets[k]))] for k in order}

@@ -6,8 +6,9 @@ exits non-zero with llama.cpp's (or our) message last on stderr. Ops:
 
     tokenize  texts, add_special               -> {"tokens": [[id, ...], ...]}
     logits    tokens, threads, flash_attn      -> {"shape": [n, n_vocab]} + logits.npy (float32, every position)
-    generate  prompts, max_new_tokens, n_parallel, threads, template
-                                               -> {"texts", "tokens", "stats"} (greedy, one user turn per prompt)
+    generate  prompts, max_new_tokens, n_parallel, threads, template, [systems | system]
+                                               -> {"texts", "tokens", "stats"} (greedy, one user turn per prompt,
+                                                  after its system message when given)
     score     prompts, candidates, n_parallel, threads, template, prefix
                                                -> {"scores", "candidate_ids", "stats"}
     info                                       -> {"has_template", "n_vocab"}
@@ -36,8 +37,8 @@ def _logits(m: Model, req: dict) -> dict:
 
 def _chat_tokens(m: Model, req: dict) -> list[list[int]]:
     mode = req.get("template", "jinja")
-    system = req.get("system")
-    return [m.tokenize(m.format_chat(chat_messages(p, system), mode)) for p in req["prompts"]]
+    systems = req.get("systems") or [req.get("system")] * len(req["prompts"])  # one per prompt, or one for all
+    return [m.tokenize(m.format_chat(chat_messages(p, s), mode)) for p, s in zip(req["prompts"], systems)]
 
 
 def _generate(m: Model, req: dict) -> dict:

@@ -208,7 +208,7 @@ def plan_budget(plan, opts, device: str, ranks: int = 1, speed: Speed | None = N
     from ..prompts import load_prompts
 
     tok = AutoTokenizer.from_pretrained(plan.family.model.path)
-    lens = [len(chat_ids(tok, p.text, max_tokens)) for src, label in ((opts.harmful, 1), (opts.benign, 0))
+    lens = [len(chat_ids(tok, p.text, max_tokens, p.system)) for src, label in ((opts.harmful, 1), (opts.benign, 0))
             for p in load_prompts(src, limit=opts.samples, expect_label=label)]
     g = geometry_of(plan)
     g = Geometry(**{**g.__dict__, "embedding_rows_bytes": len(lens) * max(lens) * g.hidden * 4})

@@ -45,7 +45,7 @@ def last_token_states(model, tok, prompts: list[Prompt], max_tokens: int = 256, 
 
     handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
     device = next(model.parameters()).device
-    ids = [chat_ids(tok, p.text, max_tokens) for p in prompts]
+    ids = [chat_ids(tok, p.text, max_tokens, p.system) for p in prompts]
     rows: list[torch.Tensor | None] = [None] * len(ids)
     done = 0
     try:
@@ -88,7 +88,7 @@ def layerwise_last_token_states(model_dir, tok, prompts: list[Prompt], max_token
     from .onload import Onloaded, run_layer, token_rows
     from .streams import Store
 
-    ids = [chat_ids(tok, p.text, max_tokens) for p in prompts]
+    ids = [chat_ids(tok, p.text, max_tokens, p.system) for p in prompts]
     batches = padded_batches(ids, batch)
     m = Onloaded(model_dir, family)
     last: list[list[torch.Tensor]] = [[] for _ in ids]  # per prompt, per layer

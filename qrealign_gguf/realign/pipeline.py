@@ -219,8 +219,8 @@ def realign_model(finetuned: str | Path, plan, probes: ProbeSet, settings: Reali
     ckpt = Checkpoints(checkpoint_dir or default_checkpoint_dir(plan), fp) if world.is_main else None
 
     tok = AutoTokenizer.from_pretrained(finetuned)
-    ids_b = [chat_ids(tok, p.text, settings.max_tokens) for p in dist.shard(world, ben)]
-    ids_h = [chat_ids(tok, p.text, settings.max_tokens) for p in dist.shard(world, harm)]
+    ids_b = [chat_ids(tok, p.text, settings.max_tokens, p.system) for p in dist.shard(world, ben)]
+    ids_h = [chat_ids(tok, p.text, settings.max_tokens, p.system) for p in dist.shard(world, harm)]
     nb = len(ids_b)
     rows = token_rows(ids_b + ids_h)
     with Store(offload_dir) as store:
