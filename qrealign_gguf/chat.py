@@ -27,7 +27,8 @@ def chat_ids(tok, text: str, max_tokens: int | None = None,  # noqa: ANN001 - HF
     plain text without a chat template (where a system message is an error: there is nowhere to put it).
 
     Too long a prompt keeps its END: the last id is the "last prompt token" whose state decides refusal vs
-    compliance, and the generation prompt must stay in place for the next token to be an answer."""
+    compliance, and the generation prompt must stay in place for the next token to be an answer. Under a system
+    message the message stays too, and the start of the user text goes."""
     from .errors import InputError
 
     if getattr(tok, "chat_template", None):
@@ -41,10 +42,24 @@ def chat_ids(tok, text: str, max_tokens: int | None = None,  # noqa: ANN001 - HF
     else:
         ids = tok(text)["input_ids"]
     ids = list(ids)
-    if system and max_tokens is not None and len(ids) > max_tokens:  # the cut would drop the message unseen
-        raise InputError(f"a prompt with its system message is {len(ids)} tokens, over the limit of {max_tokens}: "
-                         "shorten the system message or raise the token limit")
+    if system and max_tokens is not None and len(ids) > max_tokens:
+        return _cut_keeping_system(tok, text, system, max_tokens, len(ids))
     return ids if max_tokens is None else ids[-max_tokens:]
+
+
+def _cut_keeping_system(tok, text: str, system: str, max_tokens: int, n: int) -> list[int]:  # noqa: ANN001
+    """A prompt asked under a system message that is too long: the END of the user text goes, as for any long
+    prompt, but the message stays (cutting the front would drop it unseen)."""
+    from .errors import InputError
+
+    words = tok(text, add_special_tokens=False)["input_ids"]
+    drop = n - max_tokens
+    while drop < len(words):
+        ids = chat_ids(tok, tok.decode(words[drop:]), None, system)
+        if len(ids) <= max_tokens:  # re-tokenizing the cut text can shift a token or two: check, then cut more
+            return ids
+        drop += len(ids) - max_tokens
+    raise InputError(f"the system message {system[:40]!r} alone is over the limit of {max_tokens} prompt tokens")
 
 
 def check_system_shown(render: Callable[[list[dict[str, str]]], str], system: str) -> None:

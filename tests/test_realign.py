@@ -250,8 +250,12 @@ def test_calibration_prompts_carry_their_system_message(tiny, tmp_path):
     torch.testing.assert_close(mixed[0::2], plain[0::2])
     assert not torch.allclose(mixed[1::2], plain[1::2])
     assert persona in tok.decode(chat_ids(tok, texts[1], system=persona))
-    with pytest.raises(InputError, match="over the limit of 16"):
+    with pytest.raises(InputError, match="alone is over the limit of 16"):
         chat_ids(tok, texts[1], max_tokens=16, system=persona)
+    long = "Please read this carefully. " * 30 + texts[1]  # too long: its start goes, the message stays
+    cut = chat_ids(tok, long, max_tokens=64, system=persona)
+    assert len(cut) <= 64 and persona in tok.decode(cut) and texts[1] in tok.decode(cut)
+    assert cut[-4:] == chat_ids(tok, long, system=persona)[-4:]  # the end of the turn and the assistant header
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "x", "label": 1, "system": 3}) + "\n")
     with pytest.raises(InputError, match='"system" must be a string'):
