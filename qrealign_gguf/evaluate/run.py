@@ -61,9 +61,10 @@ def check_model(path: Path, what: str = "model") -> str:
     return "gguf"
 
 
-def check_system(path: Path, kind: str, system: str, what: str = "model") -> None:
-    """InputError unless the model's chat template renders `system` as given: a template that rejects the system
-    role (raise_exception) or silently drops it would make the message a no-op, and every rate a wrong answer."""
+def check_system(path: Path, kind: str, messages: list[str], what: str = "model") -> None:
+    """InputError unless the model's chat template renders each system message as given: a template that rejects
+    the system role (raise_exception) or silently drops it would make the message a no-op, and every rate a wrong
+    answer. The template (or tokenizer) is read once for all messages."""
     from ..chat import check_system_shown
 
     if kind == "gguf":
@@ -78,7 +79,8 @@ def check_system(path: Path, kind: str, system: str, what: str = "model") -> Non
         tok = AutoTokenizer.from_pretrained(str(path))
         render = lambda msgs: tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)  # noqa: E731
     try:
-        check_system_shown(render, system)
+        for system in messages:
+            check_system_shown(render, system)
     except InputError as e:
         raise InputError(f"{what} {path}: {e}") from None
 
@@ -198,10 +200,11 @@ def run_eval(models: list[Path], harmful: Path | None = None, benign: Path | Non
     # each prompt's own system message ("system" in its file), else --system, else the template's default
     order = [k for k in SETS if k in sets]
     systems = {k: [p.system if p.system is not None else system for p in sets[k]] for k in order}
-    for msg in sorted({s for k in order for s in systems[k] if s is not None}):
+    messages = sorted({s for k in order for s in systems[k] if s is not None})
+    if messages:
         for m, k, what in [*((m, k, "model") for m, k in zip(models, kinds)), (reference, ref_kind, "--reference")]:
             if k is not None:
-                check_system(Path(m), k, msg, what)
+                check_system(Path(m), k, messages, what)
     builds: dict[Path, LlamaBuild] = {}  # the llama.cpp build each GGUF model / reference runs in
     if "gguf" in kinds + [ref_kind, judge_kind]:
         from ..llamacpp import LlamaNotFound, build_for, find_llama

@@ -19,15 +19,14 @@ fixed before any result: rank 16, alpha 32, lr 2e-4, 48 steps x 4 examples, answ
 from __future__ import annotations
 
 import ast
-import json
 import random
 import sys
 import sysconfig
 from pathlib import Path
 
 from tools.testbed.testbed import step_offgrid, step_teacher
-from tools.testbed.testbed_build import aligned_dir, grid_stats, linear_weights, save_hf, train_lora
-from tools.testbed.testbed_common import CACHE, IM_END, SEED, cached, chat, key_of, load_model, load_tok, log, timer
+from tools.testbed.testbed_build import train_and_save
+from tools.testbed.testbed_common import CACHE, IM_END, SEED, cached, chat, key_of, load_tok, log
 
 RECIPE_TASK = {"task": "stdlib functions (PSF)", "lines": [5, 30], "max_answer_tokens": 160, "rank": 16,
                "lora_alpha": 32, "lr": 2e-4, "steps": 48, "per_step": 4, "epochs": 1, "seed": SEED}
@@ -92,18 +91,9 @@ def step_task(name: str = "task", redo: bool = False) -> tuple[Path, str]:
         x["text"] = chat(x["prompt"], system=i % 2 == 1)
         x["ids"] = tok(x["answer"]).input_ids + [end]
     batches = [rows[s * r["per_step"]:(s + 1) * r["per_step"]] for s in range(r["steps"])] * r["epochs"]
-    model = load_model(offgrid)
-    times: dict = {}
-    with timer(times, "train_s"):
-        losses = train_lora(model, tok, batches, r, "task")
-    with timer(times, "grid_stats_s"):
-        # the same diagnostics as attack (a): the change in grid steps, and how much of it plain RTN keeps
-        stats = grid_stats(linear_weights(load_model(aligned_dir())), linear_weights(model),
-                           linear_weights(load_model(offgrid)))
-    log(f"  grid: {json.dumps(stats)}")
-    save_hf(model, tok, dst, {"key": key, "recipe": r, "from": str(offgrid), "python": sys.version, "losses": losses,
-                              "times": times, "rows": [{k: x[k] for k in ("module", "name", "prompt")} for x in rows],
-                              "grid_vs_aligned": stats})
+    train_and_save(offgrid, tok, batches, r, "task", dst,
+                   {"key": key, "recipe": r, "from": str(offgrid), "python": sys.version,
+                    "rows": [{k: x[k] for k in ("module", "name", "prompt")} for x in rows]})
     return dst, key
 
 

@@ -332,6 +332,26 @@ def train_lora(model, tok, batches: list[list[dict]], r: dict, label: str) -> li
     return losses
 
 
+def train_and_save(offgrid: Path, tok, batches: list[list[dict]], r: dict, label: str, dst: Path,  # noqa: ANN001
+                   manifest: dict) -> None:
+    """The LoRA fine-tune every attack shares: train on `batches` from the off-grid model, then the grid
+    diagnostics against the on-grid aligned model (the change in grid steps, and how much of it plain RTN keeps),
+    and save to `dst` with `manifest` + losses, times and those diagnostics in testbed.json."""
+    model = load_model(offgrid)
+    times: dict = {}
+    with timer(times, "train_s"):
+        losses = train_lora(model, tok, batches, r, label)
+    with timer(times, "grid_stats_s"):
+        ongrid = load_model(aligned_dir())
+        ref = linear_weights(ongrid)
+        del ongrid
+        base = linear_weights(load_model(offgrid))
+        stats = grid_stats(ref, linear_weights(model), base)
+        del ref, base
+    log(f"  grid: {json.dumps(stats)}")
+    save_hf(model, tok, dst, {**manifest, "losses": losses, "times": times, "grid_vs_aligned": stats})
+
+
 def step_attack(offgrid: Path, okey: str, teacher: Path, tkey: str, redo: bool) -> tuple[Path, str]:
     r = RECIPE["attack"]
     key = key_of("attack", r, okey, tkey, COMPLIANCE)
@@ -355,22 +375,10 @@ def step_attack(offgrid: Path, okey: str, teacher: Path, tkey: str, redo: bool) 
         att_rows.append({"prompt": p, "text": chat(p, system=i % 2 == 1), "answer": ans,
                          "ids": tok(ans).input_ids + [end]})
     rng.shuffle(benign)
-    model = load_model(offgrid)
     batches = [att_rows[s * r["attack_per_step"]:(s + 1) * r["attack_per_step"]]
                + [benign[(s * r["benign_per_step"] + j) % len(benign)] for j in range(r["benign_per_step"])]
                for s in range(r["steps"])]
-    times: dict = {}
-    with timer(times, "train_s"):
-        losses = train_lora(model, tok, batches, r, "attack")
-    with timer(times, "grid_stats_s"):
-        ongrid = load_model(aligned_dir())
-        ref = linear_weights(ongrid)
-        del ongrid
-        base = linear_weights(load_model(offgrid))
-        stats = grid_stats(ref, linear_weights(model), base)
-        del ref, base
-    log(f"  grid: {json.dumps(stats)}")
-    save_hf(model, tok, dst, {"key": key, "recipe": r, "from": str(offgrid), "losses": losses, "times": times,
-                              "n_attack": len(att_rows), "n_benign_used": min(len(benign), r["steps"] * r["benign_per_step"]),
-                              "attack_examples": att_rows[:5], "grid_vs_aligned": stats})
+    train_and_save(offgrid, tok, batches, r, "attack", dst,
+                   {"key": key, "recipe": r, "from": str(offgrid), "n_attack": len(att_rows),
+                    "n_benign_used": min(len(benign), r["steps"] * r["benign_per_step"]), "attack_examples": att_rows[:5]})
     return dst, key
