@@ -217,23 +217,26 @@ def probe_model(model: str | Path, output: str | Path | None = None, *, harmful:
                 benign: str | Path = "builtin:benign", samples: int = 256, min_acc: float = 0.9,
                 contrast: str | Path | None = None, plot: str | Path | None = None, force: bool = False,
                 log: Log | None = None, offload_dir: str | Path | None = None,
-                dist_timeout: float = dist.DEFAULT_TIMEOUT_S, world: dist.World | None = None) -> ProbeSet:
+                dist_timeout: float = dist.DEFAULT_TIMEOUT_S, world: dist.World | None = None,
+                exclude_benign_shift: bool = False) -> ProbeSet:
     """Fit per-layer safety probes on the ALIGNED model (`qrealign-gguf probe`); saved to `output` when given,
     their accuracy per layer plotted to `plot` (PNG) when given. The model runs one decoder layer at a time;
     `offload_dir` keeps that layer's activations in files there instead of memory.
     Started by torchrun (or given `world`): each rank runs its shard of the prompts, the states are gathered, every
-    rank fits the same probes and returns them; rank 0 alone writes the files."""
+    rank fits the same probes and returns them; rank 0 alone writes the files.
+    exclude_benign_shift (with contrast): the probes ignore the change the fine-tune made on benign prompts too (a
+    persona, a style), so they measure refusal alone (realign/probes.py fit_contrast_probes)."""
     if world is None and dist.launcher_env() is not None:  # torchrun: join its job here, leave it when done
         with dist.session("cpu", dist_timeout) as joined:  # the states are computed on the CPU
             return _probe(model, output, harmful, benign, samples, min_acc, contrast, plot, force, log, offload_dir,
-                          joined)
+                          joined, exclude_benign_shift)
     return _probe(model, output, harmful, benign, samples, min_acc, contrast, plot, force, log, offload_dir,
-                  world or dist.single())
+                  world or dist.single(), exclude_benign_shift)
 
 
 def _probe(model: str | Path, output: str | Path | None, harmful: str | Path, benign: str | Path, samples: int,
            min_acc: float, contrast: str | Path | None, plot: str | Path | None, force: bool, log: Log | None,
-           offload_dir: str | Path | None, world: dist.World) -> ProbeSet:
+           offload_dir: str | Path | None, world: dist.World, exclude_benign_shift: bool = False) -> ProbeSet:
     from .realign.options import check_offload_dir
     from .realign.probes import probe_model as fit
 
@@ -241,7 +244,8 @@ def _probe(model: str | Path, output: str | Path | None, harmful: str | Path, be
     png = Path(plot) if plot is not None else None
     if world.size > 1:  # a rank started differently would gather states of other prompts or another model
         args = {"model": model, "output": output, "harmful": harmful, "benign": benign, "samples": samples,
-                "min_acc": min_acc, "contrast": contrast, "plot": plot, "force": force, "version": __version__}
+                "min_acc": min_acc, "contrast": contrast, "plot": plot, "force": force, "version": __version__,
+                "exclude_benign_shift": exclude_benign_shift}
         dist.check_same(world, {k: json.dumps(v, default=str) for k, v in args.items()})
         if not world.is_main:  # rank 0 speaks for the job
             log = None
@@ -249,6 +253,8 @@ def _probe(model: str | Path, output: str | Path | None, harmful: str | Path, be
     def validate() -> None:
         check_numbers(**{"--samples": (samples, ">0"), "--min-acc": (min_acc, "0..1")})
         check_offload_dir(offload_dir)
+        if exclude_benign_shift and contrast is None:
+            raise InputError("--exclude-benign-shift needs --contrast FINETUNED (it refines contrast probes)")
         if samples < world.size:
             raise InputError(f"--samples {samples} for {world.size} ranks; give every rank at least one prompt")
         if world.is_main:  # outputs are rank 0's alone; every rank checks every input
@@ -259,7 +265,7 @@ def _probe(model: str | Path, output: str | Path | None, harmful: str | Path, be
 
     dist.agree(world, validate)  # one rank's bad input stops every rank, with one line
     ps = fit(model, harmful, benign, samples, min_acc, console=as_console(log), contrast=contrast,
-             offload_dir=offload_dir, world=world)
+             offload_dir=offload_dir, world=world, exclude_benign_shift=exclude_benign_shift)
     if world.size > 1:  # fit from the same gathered states: a rank with other probes means a non-deterministic fit
         dist.check_identical(world, "the probes", ps.digest())
     if not world.is_main:

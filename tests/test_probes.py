@@ -1,6 +1,8 @@
 """Probe fitting on synthetic activations: separable -> accurate; noise -> unreliable; save/load identical."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -126,3 +128,45 @@ def test_contrast_probe_heldout_split_is_by_prompt():
     assert p.heldout_acc[0] >= 0.9
     with pytest.raises(InputError, match="both models"):
         fit_contrast_probes(ah, fh[:-1], fb)
+
+
+def _persona_world(n=120, hidden=16, seed=1):
+    """An identity-shift fine-tune (attack (c)): it moves EVERY prompt along `persona` (strongly) and removes the
+    aligned model's `refuse` term on harmful prompts. Rows: aligned/fine-tuned x harmful/benign, paired by prompt."""
+    g = torch.Generator().manual_seed(seed)
+    content, refuse, persona = (torch.randn(hidden, generator=g) for _ in range(3))
+    base_h = 0.5 * torch.randn(n, 1, hidden, generator=g) + 3 + 2.0 * content
+    base_b = 0.5 * torch.randn(n, 1, hidden, generator=g) + 3
+    ah, fh = base_h + 0.5 * refuse, base_h + 2.0 * persona
+    ab, fb = base_b.clone(), base_b + 2.0 * persona
+    return ah, fh, ab, fb, base_h, refuse, persona
+
+
+def test_excluding_the_benign_shift_leaves_refusal_alone():
+    """The plain contrast probe mostly measures the persona: a harmful state with the old identity back but no
+    refusal (what realignment produced on the identity testbed: "I am Qwen, ..." and an answer) scores as
+    refusing. With the benign shift excluded the probe ignores the persona: that state stays on the compliance
+    side, and a state with refusal back under the persona is on the refusal side."""
+    ah, fh, ab, fb, base_h, refuse, persona = _persona_world()
+    identity_back = base_h  # persona gone, refusal not back
+    refusal_back = fh + 0.5 * refuse  # refusal back, persona kept
+    plain = fit_contrast_probes(ah, fh, fb)
+    assert (plain.score(0, identity_back[:, 0]) > 0).float().mean() > 0.9  # fooled
+    p = fit_contrast_probes(ah, fh, fb, aligned_benign=ab)
+    assert p.meta["benign_shift"] == "removed" and p.reliable == [0]
+    assert (p.score(0, identity_back[:, 0]) < 0).float().mean() > 0.9
+    assert (p.score(0, refusal_back[:, 0]) > 0).float().mean() > 0.9
+    # exactly blind to the benign shift (in the probe's standardized space), and the share it removed is recorded
+    d = ((ab - fb)[:, 0] / p.std[0]).mean(0)
+    assert abs(float(p.w[0] @ d)) < 1e-5 * float(p.w[0].norm() * d.norm())
+    cos = json.loads(p.meta["benign_shift_cos"])
+    assert len(cos) == 1 and cos[0] > 0.8  # on harmful prompts too, the fine-tune mostly changed the persona
+    with pytest.raises(InputError, match="same benign prompts"):
+        fit_contrast_probes(ah, fh, fb, aligned_benign=ab[:-1])
+
+
+def test_excluding_the_benign_shift_needs_contrast_probes(tmp_path):
+    from qrealign_gguf import api
+
+    with pytest.raises(InputError, match="--contrast"):
+        api.probe_model(tmp_path, tmp_path / "p.safetensors", exclude_benign_shift=True)

@@ -140,7 +140,8 @@ def fit_probes(states: torch.Tensor, labels: torch.Tensor, heldout: float = 0.2,
 
 def fit_contrast_probes(aligned_harmful: torch.Tensor, finetuned_harmful: torch.Tensor, finetuned_benign: torch.Tensor,
                         heldout: float = 0.2, min_acc: float = 0.9, l2: float = 1.0, std_floor: float = 0.1,
-                        seed: int = 0, meta: dict[str, str] | None = None) -> ProbeSet:
+                        seed: int = 0, meta: dict[str, str] | None = None,
+                        aligned_benign: torch.Tensor | None = None) -> ProbeSet:
     """Refusal-state probes (our variant, not the paper's): label 1 = the ALIGNED model's states on harmful prompts
     (it refuses from there), label 0 = the FINE-TUNED model's states on the same prompts (it complies from there).
     A content probe separates harmful from benign text, which a fine-tune that keeps recognizing harm but stops
@@ -148,7 +149,15 @@ def fit_contrast_probes(aligned_harmful: torch.Tensor, finetuned_harmful: torch.
     caused on harmful prompts, i.e. the refusal it removed. Benign prompts are not in the fit (with them in class 0
     the direction turns back into a content direction); target_benign is the fine-tuned model's benign median,
     the level calibration keeps benign prompts under. Inputs: (N, L, H) last-token states, harmful rows paired by
-    prompt; the held-out split is by prompt, so a prompt's two states never sit on both sides of it."""
+    prompt; the held-out split is by prompt, so a prompt's two states never sit on both sides of it.
+
+    aligned_benign (the aligned model's states on the benign prompts, paired row by row with finetuned_benign):
+    the probe is fit without the BENIGN SHIFT, the mean change the fine-tune made on benign prompts (per layer, in
+    the standardized space). A fine-tune that changes who the model is (a persona, a style) moves every prompt
+    along that direction; the plain contrast probe then measures "not the fine-tune" and realignment restores the
+    old identity without the refusal (docs/BENCHMARKS.md round 12: "I am Qwen, ..." followed by an answer). Only
+    what changed on harmful prompts and not on benign ones is refusal. meta "benign_shift_cos" records, per layer,
+    the cosine between the harmful and the benign mean shift: how much of the fine-tune's change is not refusal."""
     nh, nb = aligned_harmful.shape[0], finetuned_benign.shape[0]
     if nh < 4 or nb < 1 or finetuned_harmful.shape[0] != nh:
         raise InputError("contrast probes need >= 4 harmful prompts run through both models and >= 1 benign prompt")
@@ -159,14 +168,30 @@ def fit_contrast_probes(aligned_harmful: torch.Tensor, finetuned_harmful: torch.
     k = max(1, int(round(nh * heldout)))
     te_p, tr_p = perm[:k], perm[k:]
     tr, te = torch.cat([tr_p, tr_p + nh]), torch.cat([te_p, te_p + nh])
-    return _fit(states, labels, tr, te, torch.arange(2 * nh, 2 * nh + nb), min_acc, l2, std_floor,
-                {**(meta or {}), "kind": "contrast"})
+    meta = {**(meta or {}), "kind": "contrast"}
+    remove = None
+    if aligned_benign is not None:
+        if aligned_benign.shape != finetuned_benign.shape:
+            raise InputError("the benign shift needs the same benign prompts run through both models")
+        remove = (aligned_benign, finetuned_benign)
+        meta["benign_shift"] = "removed"
+    ps = _fit(states, labels, tr, te, torch.arange(2 * nh, 2 * nh + nb), min_acc, l2, std_floor, meta, remove)
+    return ps
+
+
+def benign_shift(aligned_benign: torch.Tensor, finetuned_benign: torch.Tensor) -> torch.Tensor:
+    """Unit mean shift (H,) from fine-tuned to aligned states of the same benign prompts (standardized (N, H))."""
+    d = (aligned_benign - finetuned_benign).mean(0)
+    return d / d.norm().clamp_min(1e-12)
 
 
 def _fit(states: torch.Tensor, labels: torch.Tensor, tr: torch.Tensor, te: torch.Tensor, benign_idx: torch.Tensor,
-         min_acc: float, l2: float, std_floor: float, meta: dict[str, str] | None) -> ProbeSet:
+         min_acc: float, l2: float, std_floor: float, meta: dict[str, str] | None,
+         remove: tuple[torch.Tensor, torch.Tensor] | None = None) -> ProbeSet:
     """One standardized logistic probe per layer on rows tr; accuracy on tr and te; targets: the median score of
-    label-1 training rows (where refusal happens) and of rows benign_idx (where benign prompts must stay)."""
+    label-1 training rows (where refusal happens) and of rows benign_idx (where benign prompts must stay).
+    remove = (aligned, fine-tuned) benign states: fit on features with the benign shift projected out, so w is
+    orthogonal to it (L-BFGS from w = 0 only ever adds multiples of the rows) and scores ignore that direction."""
     n, n_layers, h = states.shape
     mean = torch.empty(n_layers, h)
     std = torch.empty(n_layers, h)
@@ -177,30 +202,44 @@ def _fit(states: torch.Tensor, labels: torch.Tensor, tr: torch.Tensor, te: torch
     target = torch.empty(n_layers)
     target_benign = torch.empty(n_layers)
     harm_tr = tr[labels[tr] == 1]
+    cos: list[float] = []
     for layer in range(n_layers):
         x = states[:, layer].float()
         mean[layer] = x[tr].mean(0)
         sd = x[tr].std(0)
         std[layer] = sd.clamp_min(max(std_floor * sd.median().item(), 1e-6))
         z = (x - mean[layer]) / std[layer]
+        if remove is not None:
+            za, zf = ((r[:, layer].float() - mean[layer]) / std[layer] for r in remove)
+            d = benign_shift(za, zf)
+            n1 = int(labels.sum())  # the harmful pairs: aligned rows first, then the fine-tuned rows
+            h = z[:n1].mean(0) - z[n1 : 2 * n1].mean(0)
+            cos.append(round(float(h @ d / h.norm().clamp_min(1e-12)), 3))
+            z = z - (z @ d)[:, None] * d
         w[layer], b[layer] = fit_logistic(z[tr], labels[tr], l2=l2)
+        if remove is not None:  # exactly orthogonal, not up to L-BFGS's float error
+            w[layer] -= (w[layer] @ d) * d
         s = z @ w[layer] + b[layer]
         tr_acc[layer] = ((s[tr] > 0) == labels[tr].bool()).float().mean()
         te_acc[layer] = ((s[te] > 0) == labels[te].bool()).float().mean()
         target[layer] = s[harm_tr].median()
         target_benign[layer] = s[benign_idx].median()
     reliable = [i for i in range(n_layers) if te_acc[i] >= min_acc]
-    return ProbeSet(mean, std, w, b, tr_acc, te_acc, target, target_benign, reliable,
-                    {"kind": "content", **dict(meta or {})})
+    meta = {"kind": "content", **dict(meta or {})}
+    if cos:
+        meta["benign_shift_cos"] = json.dumps(cos)
+    return ProbeSet(mean, std, w, b, tr_acc, te_acc, target, target_benign, reliable, meta)
 
 
 def probe_model(model_dir: str | Path, harmful: str | Path, benign: str | Path, n_per_class: int = 256,
                 min_acc: float = 0.9, seed: int = 0, console=None,  # noqa: ANN001
                 contrast: str | Path | None = None, offload_dir: str | Path | None = None,
-                world: World | None = None) -> ProbeSet:
+                world: World | None = None, exclude_benign_shift: bool = False) -> ProbeSet:
     """Collect the aligned model's last-token states for both prompt sets (layer by layer: memory of one decoder
     layer, activations in files under offload_dir when given), fit and return the probes.
-    contrast = the fine-tuned model: refusal-state probes (fit_contrast_probes) instead of content probes.
+    contrast = the fine-tuned model: refusal-state probes (fit_contrast_probes) instead of content probes;
+    exclude_benign_shift: the aligned model also runs the benign prompts and the probes ignore the change the
+    fine-tune made on them too (fit_contrast_probes' aligned_benign).
     world (dist.py): each rank runs its shard of the prompts and the states are gathered back in prompt order, so
     every rank fits the same matrix (the fit itself is cheap and runs on every rank)."""
     from transformers import AutoTokenizer
@@ -226,8 +265,12 @@ def probe_model(model_dir: str | Path, harmful: str | Path, benign: str | Path, 
         states = layerwise_last_token_states(d, tok, dist.shard(w, prompts), progress=tick, offload_dir=offload_dir)
         return dist.unshard(w, states, len(prompts), "gathering the probe states"), template_fingerprint(tok)
 
-    # contrast probes need the aligned model on harmful prompts only, the fine-tuned one on both kinds
-    states, template = collect(model_dir, harm + ben if contrast is None else harm)
+    # contrast probes need the aligned model on harmful prompts only (and on benign ones to exclude the benign
+    # shift), the fine-tuned one on both kinds
+    if exclude_benign_shift and contrast is None:
+        raise InputError("excluding the benign shift needs contrast probes (--contrast FINETUNED)")
+    both = contrast is None or exclude_benign_shift
+    states, template = collect(model_dir, harm + ben if both else harm)
     meta = {**sig, "template": template, "source": Path(model_dir).name,
             "n_harmful": str(len(harm)), "n_benign": str(len(ben)), "min_acc": str(min_acc)}
     if contrast is None:
@@ -235,5 +278,6 @@ def probe_model(model_dir: str | Path, harmful: str | Path, benign: str | Path, 
         return fit_probes(states, labels, min_acc=min_acc, seed=seed, meta=meta)
     other, _ = collect(contrast, harm + ben)
     nh = len(harm)
-    return fit_contrast_probes(states, other[:nh], other[nh:], min_acc=min_acc, seed=seed,
-                               meta={**meta, "contrast": Path(contrast).name})
+    return fit_contrast_probes(states[:nh], other[:nh], other[nh:], min_acc=min_acc, seed=seed,
+                               meta={**meta, "contrast": Path(contrast).name},
+                               aligned_benign=states[nh:] if exclude_benign_shift else None)
