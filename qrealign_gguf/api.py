@@ -236,7 +236,7 @@ def probe_model(model: str | Path, output: str | Path | None = None, *, harmful:
 
 def _probe(model: str | Path, output: str | Path | None, harmful: str | Path, benign: str | Path, samples: int,
            min_acc: float, contrast: str | Path | None, plot: str | Path | None, force: bool, log: Log | None,
-           offload_dir: str | Path | None, world: dist.World, exclude_benign_shift: bool = False) -> ProbeSet:
+           offload_dir: str | Path | None, world: dist.World, exclude_benign_shift: bool) -> ProbeSet:
     from .realign.options import check_offload_dir
     from .realign.probes import probe_model as fit
 

@@ -57,9 +57,11 @@ class ProbeSet:
 
     def score(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """Probe logit(s) for states h (..., H); differentiable in h."""
-        dev, dt = h.device, h.dtype
-        z = (h - self.mean[layer].to(dev, dt)) / self.std[layer].to(dev, dt)
-        return z @ self.w[layer].to(dev, dt) + self.b[layer].to(dev, dt)
+        return self.standardize(layer, h) @ self.w[layer].to(h.device, h.dtype) + self.b[layer].to(h.device, h.dtype)
+
+    def standardize(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """States h (..., H) in the probe's feature space: (h - mean) / std of its training rows."""
+        return (h - self.mean[layer].to(h.device, h.dtype)) / self.std[layer].to(h.device, h.dtype)
 
     def digest(self) -> bytes:
         """The numbers calibration uses, as bytes: ranks that fit or loaded probes compare them (dist.check_identical)."""
@@ -169,13 +171,21 @@ def fit_contrast_probes(aligned_harmful: torch.Tensor, finetuned_harmful: torch.
     te_p, tr_p = perm[:k], perm[k:]
     tr, te = torch.cat([tr_p, tr_p + nh]), torch.cat([te_p, te_p + nh])
     meta = {**(meta or {}), "kind": "contrast"}
-    remove = None
-    if aligned_benign is not None:
-        if aligned_benign.shape != finetuned_benign.shape:
-            raise InputError("the benign shift needs the same benign prompts run through both models")
-        remove = (aligned_benign, finetuned_benign)
-        meta["benign_shift"] = "removed"
-    ps = _fit(states, labels, tr, te, torch.arange(2 * nh, 2 * nh + nb), min_acc, l2, std_floor, meta, remove)
+    if aligned_benign is None:
+        return _fit(states, labels, tr, te, torch.arange(2 * nh, 2 * nh + nb), min_acc, l2, std_floor, meta)
+    if aligned_benign.shape != finetuned_benign.shape:
+        raise InputError("the benign shift needs the same benign prompts run through both models")
+    remove = (aligned_benign, finetuned_benign)
+    ps = _fit(states, labels, tr, te, torch.arange(2 * nh, 2 * nh + nb), min_acc, l2, std_floor,
+              {**meta, "benign_shift": "removed"}, remove)
+    # the diagnostic: per layer, cosine of the harmful mean shift (fine-tuned -> aligned) with the benign one
+    cos = []
+    for layer in range(ps.n_layers):
+        za, zf, zb_a, zb_f = (ps.standardize(layer, x[:, layer].float()) for x in
+                              (aligned_harmful, finetuned_harmful, *remove))
+        h = (za - zf).mean(0)
+        cos.append(round(float(h @ benign_shift(zb_a, zb_f) / h.norm().clamp_min(1e-12)), 3))
+    ps.meta["benign_shift_cos"] = json.dumps(cos)
     return ps
 
 
@@ -202,7 +212,6 @@ def _fit(states: torch.Tensor, labels: torch.Tensor, tr: torch.Tensor, te: torch
     target = torch.empty(n_layers)
     target_benign = torch.empty(n_layers)
     harm_tr = tr[labels[tr] == 1]
-    cos: list[float] = []
     for layer in range(n_layers):
         x = states[:, layer].float()
         mean[layer] = x[tr].mean(0)
@@ -210,11 +219,7 @@ def _fit(states: torch.Tensor, labels: torch.Tensor, tr: torch.Tensor, te: torch
         std[layer] = sd.clamp_min(max(std_floor * sd.median().item(), 1e-6))
         z = (x - mean[layer]) / std[layer]
         if remove is not None:
-            za, zf = ((r[:, layer].float() - mean[layer]) / std[layer] for r in remove)
-            d = benign_shift(za, zf)
-            n1 = int(labels.sum())  # the harmful pairs: aligned rows first, then the fine-tuned rows
-            h = z[:n1].mean(0) - z[n1 : 2 * n1].mean(0)
-            cos.append(round(float(h @ d / h.norm().clamp_min(1e-12)), 3))
+            d = benign_shift(*((r[:, layer].float() - mean[layer]) / std[layer] for r in remove))
             z = z - (z @ d)[:, None] * d
         w[layer], b[layer] = fit_logistic(z[tr], labels[tr], l2=l2)
         if remove is not None:  # exactly orthogonal, not up to L-BFGS's float error
@@ -225,10 +230,8 @@ def _fit(states: torch.Tensor, labels: torch.Tensor, tr: torch.Tensor, te: torch
         target[layer] = s[harm_tr].median()
         target_benign[layer] = s[benign_idx].median()
     reliable = [i for i in range(n_layers) if te_acc[i] >= min_acc]
-    meta = {"kind": "content", **dict(meta or {})}
-    if cos:
-        meta["benign_shift_cos"] = json.dumps(cos)
-    return ProbeSet(mean, std, w, b, tr_acc, te_acc, target, target_benign, reliable, meta)
+    return ProbeSet(mean, std, w, b, tr_acc, te_acc, target, target_benign, reliable,
+                    {"kind": "content", **dict(meta or {})})
 
 
 def probe_model(model_dir: str | Path, harmful: str | Path, benign: str | Path, n_per_class: int = 256,
