@@ -278,3 +278,96 @@ def test_cli_realign_defaults_are_the_settings_defaults():
     assert {cli: params[cli] for cli in pairs} == {cli: getattr(settings, s) for cli, s in pairs.items()}
     assert {f: getattr(RealignOptions(), f) for f in pairs} == {f: getattr(settings, s) for f, s in pairs.items()}
     assert settings.n_harmful == settings.n_benign  # --realign-samples sets both
+
+
+def _aligned_twin(tiny: Path, dst: Path, rel: float = 0.08) -> Path:
+    """The tiny model with every decoder matrix moved by `rel` of its spread: an 'aligned' model the fine-tune
+    differs from by less than a 4-bit rounding step (~0.28 of the spread), so rounding alone can reach towards it."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tiny, dst)
+    f = dst / "model.safetensors"
+    sd = load_file(f)
+    g = torch.Generator().manual_seed(7)
+    for k, v in sd.items():
+        if ".layers." in k and v.ndim == 2:
+            sd[k] = (v.float() + rel * v.float().std() * torch.randn(v.shape, generator=g)).to(v.dtype)
+    save_file(sd, f, metadata={"format": "pt"})
+    return dst
+
+
+def test_distill_term_pulls_harmful_states_towards_the_aligned_model(tiny, planted, tmp_path):
+    """--distill-weight: the harmful prompts' states move towards the aligned model's own (every layer's relative
+    error to them falls from its RTN start), at a bounded benign cost; off, the term does not exist (0 in the
+    stats) and the aligned model is not read."""
+    probes, _ = planted
+    aligned = _aligned_twin(tiny, tmp_path / "aligned")
+    plan = make_plan(tiny, tmp_path / "o.gguf", "Q4_0")
+    stats: list = []
+    settings = RealignSettings(**{**SETTINGS, "iters": 24}, harm_weight=0.0, distill_weight=1.0, lr=0.05)
+    realign_model(tiny, plan, probes, settings, checkpoint_dir=tmp_path / "d", aligned=aligned,
+                  report=lambda i, n, s, r: stats.append(s))
+    plain: list = []
+    realign_model(tiny, plan, probes, replace_settings(settings, distill_weight=0.0),
+                  checkpoint_dir=tmp_path / "p", report=lambda i, n, s, r: plain.append(s))
+    for s, p in zip(stats, plain):
+        assert s.distill_start > 0 and s.distill_end < 0.5 * s.distill_start, (s.distill_start, s.distill_end)
+        assert p.distill_start == p.distill_end == 0.0
+        assert s.benign_end <= 3.0 * p.benign_end
+    with pytest.raises(AssertionError, match="aligned model"):  # the term without its targets is a wiring bug
+        realign_model(tiny, plan, probes, settings, checkpoint_dir=tmp_path / "x")
+
+
+def replace_settings(s: RealignSettings, **kw) -> RealignSettings:
+    from dataclasses import replace
+
+    return replace(s, **kw)
+
+
+def test_distill_weight_needs_the_aligned_model(tiny, planted, tmp_path):
+    _, probe_file = planted
+    base = ["convert", str(tiny), "-o", str(tmp_path / "o.gguf"), "--outtype", "Q4_0"]
+    _fails(base + ["--probes", str(probe_file), "--distill-weight", "1"], "give --aligned")
+    _fails(base + ["--probes", str(probe_file), "--aligned", str(tiny)], "not both")
+    _fails(base + ["--aligned", str(tiny), "--distill-weight", "-1"], "--distill-weight")
+    assert not (tmp_path / "o.gguf").exists()
+
+
+def test_distill_loss_leaves_the_shared_prefix_to_the_benign_term():
+    """The distill term ignores the positions every calibration prompt shares (the template's system part) and
+    counts the rest, the last token twice (last_weight)."""
+    import torch
+
+    from qrealign_gguf.realign.calibrate import AlignedStates, distill_loss, pad
+    from qrealign_gguf.realign.pipeline import shared_prefix
+
+    assert shared_prefix([[1, 2, 3, 9], [1, 2, 3, 7, 8], [1, 2, 4]]) == 2
+    assert shared_prefix([[1, 2, 3], [1, 2, 3]]) == 2  # the last token always counts
+    xs = [torch.randn(1, 6, 4), torch.randn(1, 5, 4)]
+    kws = [{}, {}]
+    p = pad(xs, kws, [0, 1])
+    target = [x.clone() for x in xs]
+    for t in target:
+        t[0, :3] += 10.0  # differ only on the shared prefix
+    assert distill_loss(p.x, AlignedStates(target, skip=3), kws, [0, 1], p, 1.0).item() == 0.0
+    assert distill_loss(p.x, AlignedStates(target, skip=0), kws, [0, 1], p, 1.0).item() > 0.5
+    target[1][0, 4] += 1.0  # the last token of prompt 1: counted in both terms
+    assert distill_loss(p.x, AlignedStates(target, skip=3), kws, [0, 1], p, 1.0).item() > 0
+
+
+def test_convert_with_probes_and_the_aligned_model_for_the_distill_term(tiny, planted, tmp_path):
+    """`convert --probes P --aligned A --distill-weight W`: the probes come from the file, the aligned model's
+    states feed the distill term; the file records the weight and llama.cpp runs it."""
+    from qrealign_gguf.gguf_file import read_gguf
+
+    _, probe_file = planted
+    aligned = _aligned_twin(tiny, tmp_path / "aligned")
+    out = tmp_path / "d.gguf"
+    r = runner.invoke(app, ["convert", str(tiny), "-o", str(out), "--outtype", "Q4_0", "--probes", str(probe_file),
+                            "--aligned", str(aligned), "--distill-weight", "0.5", "--realign-samples", "4",
+                            "--realign-iters", "2"])
+    assert r.exit_code == 0, r.output
+    assert read_gguf(out).scalar("qrealign.realign_distill_weight") == 0.5
+    from qrealign_gguf.llamacpp import logits
+    assert np.isfinite(logits(out, [1, 2, 3, 4])).all()

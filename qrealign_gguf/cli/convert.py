@@ -56,6 +56,7 @@ def convert(
     last_weight: float = typer.Option(R.last_weight, "--benign-last-weight", help="REALIGN: extra weight of the benign prompts' last-token reconstruction (keeps safe prompts off the refusal side)"),
     benign_ceiling: Optional[float] = typer.Option(R.benign_ceiling, "--benign-ceiling", help="REALIGN: probe score benign prompts must stay below (default: per layer, the aligned model's median benign score; 0 = the decision boundary)"),
     probe_kind: str = typer.Option(R.probe_kind, "--probe-kind", help="REALIGN with --aligned: content (the paper's probes: aligned model, harmful vs benign prompts) or contrast (aligned vs this fine-tuned model on harmful prompts: the refusal the fine-tune removed)"),
+    distill_weight: float = typer.Option(R.distill_weight, "--distill-weight", help="REALIGN with --aligned: weight of a second harmful term that pulls every token's state of the harmful prompts towards the aligned model's own (the same relative error the benign prompts have towards this model); 0 = off. Experimental: docs/BENCHMARKS.md round 13"),
     checkpoints: Optional[Path] = typer.Option(None, "--checkpoints", help="REALIGN: per-layer checkpoint dir (default <output>.realign-ckpt)"),
     offload_dir: Optional[Path] = typer.Option(None, "--offload-dir", help="REALIGN: keep the per-layer activations (and those of the probe fit) in files under this directory instead of memory, for large prompt sets; removed when done"),
     equalize: bool = typer.Option(R.equalize, "--equalize", help="REALIGN: first fold exact per-channel scalings (norm->q/k/v, v->o, norm->gate/up, up->down; llama/qwen2) chosen on the benign prompts"),
@@ -71,7 +72,8 @@ def convert(
         realign = R(aligned=aligned, probes=probes, harmful=harmful, benign=benign, samples=samples, iters=iters,
                     lr=lr, harm_weight=harm_weight, margin=margin, margin_offset=margin_offset,
                     probe_layers=probe_layers, last_weight=last_weight, benign_ceiling=benign_ceiling,
-                    probe_kind=probe_kind, equalize=equalize, checkpoints=checkpoints, offload_dir=offload_dir)
+                    probe_kind=probe_kind, equalize=equalize, checkpoints=checkpoints, offload_dir=offload_dir,
+                    distill_weight=distill_weight)
         realign.check_numbers()  # given without --aligned/--probes they do nothing, but a typo is still a typo
         job = ConvertJob(model=model, output=output, outtype=outtype, imatrix=imatrix, calib=calib,
                          calib_samples=calib_samples, save_imatrix=save_imatrix, pure=pure,

@@ -59,6 +59,7 @@ class Workload:
     iters: int
     ranks: int = 1
     offload: bool = False  # --offload-dir: streams on disk
+    distill: bool = False  # --distill-weight: the aligned model's layer and its stream of the harmful prompts too
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,8 @@ def estimate(g: Geometry, w: Workload, speed: Speed) -> Budget:
     tokens_all = (w.n_benign + w.n_harmful) * w.mean_tokens * share
     # fp stream: benign inputs and outputs; quantized-prefix stream: every prompt (in and out during propagation)
     stream_rows = (2 * w.n_benign * share + 2 * (w.n_benign + w.n_harmful) * share) * w.mean_tokens
+    if w.distill:  # the aligned model's own states of the harmful prompts, in and out
+        stream_rows += 2 * w.n_harmful * share * w.mean_tokens
     streams = int(stream_rows * g.hidden * f32)
     if w.offload:
         streams = int(2 * w.batch * w.max_tokens * g.hidden * f32 * 2)
@@ -97,12 +100,14 @@ def estimate(g: Geometry, w: Workload, speed: Speed) -> Budget:
     # (3 x intermediate), attention's q/k/v/o and norms (~8 x hidden) and the scores (heads x T x T)
     rows = 2 * w.batch * w.max_tokens
     batch = int(rows * (3 * g.intermediate + 8 * g.hidden) * f32 + 2 * w.batch * g.heads * w.max_tokens ** 2 * f32)
-    parts = {"fixed": FIXED_BYTES + g.embedding_rows_bytes, "layer": g.layer_weights * BYTES_PER_WEIGHT,
+    layer = g.layer_weights * (BYTES_PER_WEIGHT + (f32 if w.distill else 0))  # the aligned layer: plain float32
+    parts = {"fixed": FIXED_BYTES + g.embedding_rows_bytes, "layer": layer,
              "streams": streams, "batch": batch}
     step_tokens = 2 * w.batch * w.mean_tokens * share  # each rank runs its part of the global minibatch
     matmul = 2.0 * g.layer_weights / speed.matmul_flops  # seconds per token through the layer, forward
     per_layer = (w.iters * (speed.fake_quant_s_per_weight * g.layer_weights + STEP_PASSES * matmul * step_tokens)
-                 + EVAL_PASSES * matmul * tokens_all)
+                 + EVAL_PASSES * matmul * tokens_all
+                 + (matmul * w.n_harmful * share * w.mean_tokens if w.distill else 0.0))  # the aligned forward
     return Budget(parts, per_layer, g.n_layers)
 
 
@@ -214,5 +219,6 @@ def plan_budget(plan, opts, device: str, ranks: int = 1, speed: Speed | None = N
     g = Geometry(**{**g.__dict__, "embedding_rows_bytes": len(lens) * max(lens) * g.hidden * 4})
     w = Workload(n_benign=opts.samples, n_harmful=opts.samples, mean_tokens=sum(lens) / len(lens),
                  max_tokens=max(lens), batch=batch, iters=opts.iters, ranks=ranks,
-                 offload=getattr(opts, "offload_dir", None) is not None)
+                 offload=getattr(opts, "offload_dir", None) is not None,
+                 distill=getattr(opts, "distill_weight", 0.0) > 0)
     return g, w, estimate(g, w, speed or measure_speed(device))

@@ -7,7 +7,8 @@ and Y the full-precision model's output of the layer:
                          + last_weight * the same at the last prompt token only
     harmful prompts  L_h = mean_j max(0, t_l - probe_l(layer_q(X_q,j)[last]))      (back to the refusal side)
                          + mean_i max(0, probe_l(layer_q(X_q,i)[last]) - u_l)      (benign prompts stay off it)
-    loss             L   = L_b + harm_weight * L_h     (L_h only where the layer's probe is reliable)
+    harmful prompts  L_a = the L_b form on harmful prompts, but towards the ALIGNED model's own states     (optional)
+    loss             L   = L_b + harm_weight * L_h + distill_weight * L_a    (L_h only where the probe is reliable)
 
 Two measured lessons shape these terms (docs/BENCHMARKS.md, Q-realign section). The push is a hinge that stops
 at the target: a softplus keeps pulling past it, and because benign errors are ~1e-3 it always wins, which
@@ -24,6 +25,11 @@ per-block scale/min changes (the role of learnable weight clipping). Adam on tho
 gives the bytes to write. Prompts of one kind run as one right-padded batch (see Padded).
 The relative benign error makes harm_weight mean the same thing in shallow and deep layers.
 
+L_a (distill_weight > 0, which needs the aligned model) exists because a probe is one direction read at the last
+token: on an identity-shift fine-tune it was met at every layer by restoring the old identity while the model still
+complied (docs/BENCHMARKS.md round 12). L_a asks for the aligned model's whole state on the harmful prompts, every
+token, as L_b asks for the fine-tune's on the benign ones; the benign term keeps the change selective.
+
 Data parallel (dist.py, torchrun): each rank holds a shard of the prompts (global prompt i on rank i % N). Every
 step draws the same GLOBAL minibatch on every rank (same generator), each rank runs the prompts of it that it owns,
 its loss terms are sums divided by the global minibatch counts, so the ranks' losses and gradients add up to the
@@ -35,7 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +70,7 @@ class RealignSettings:
     max_tokens: int = 128
     seed: int = 0
     equalize: bool = False  # fold exact per-channel scalings into the layer first (equalize.py)
+    distill_weight: float = 0.0  # L_a: harmful states towards the aligned model's (0: off; needs the aligned model)
 
 
 @dataclass
@@ -74,6 +81,24 @@ class Target:
     qtype: QType
     row_order: np.ndarray | None = None  # GGUF row i = HF row row_order[i] (llama's Q/K rotary permutation)
     importance: np.ndarray | None = None
+
+
+@dataclass
+class AlignedStates:
+    """The distill term's targets: the aligned model's own layer outputs of the harmful prompts (this rank's), and
+    how many leading positions to leave out: the template prefix every calibration prompt shares (the default
+    system message). Its states are the same in harmful and benign prompts, so pulling them towards the aligned
+    model would fight the benign term on identical inputs and change every prompt's answer, not only harmful ones."""
+    states: Sequence[torch.Tensor]
+    skip: int = 0
+
+
+def distill_loss(out: torch.Tensor, a: AlignedStates, kwargs: list, idx: list[int], p: Padded, last_weight: float,
+                 count: int | None = None) -> torch.Tensor:
+    """L_a: the benign_loss form towards the aligned states, on the positions after the shared prefix."""
+    mask = p.mask.clone()
+    mask[:, : a.skip] = False
+    return benign_loss(out, pad(a.states, kwargs, idx).x, mask, p.last, last_weight, count)
 
 
 @dataclass
@@ -88,6 +113,8 @@ class LayerStats:
     benign_side_end: float
     probed: bool
     seconds: float
+    distill_start: float = 0.0  # L_a before / after (0 when off; older checkpoints lack it)
+    distill_end: float = 0.0
 
 
 def at_last(h: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
@@ -176,10 +203,11 @@ def _chunks(n: int, size: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def _evaluate(layer, weights, xb, yb, kb, xh, kh, score, margin, ceiling, size,  # noqa: ANN001
-              last_weight, world: dist.World, nb: int, nh: int) -> tuple[float, float, float, float]:  # noqa: ANN001
-    """(benign loss, harm loss, harmful fraction on the harmful side, benign fraction on the harmful side) over all
-    nb benign and nh harmful prompts, of which this rank holds xb and xh."""
+def _evaluate(layer, weights, xb, yb, kb, xh, kh, ya, score, margin, ceiling, size,  # noqa: ANN001
+              last_weight, world: dist.World, nb: int, nh: int) -> tuple[float, float, float, float, float]:
+    """(benign loss, harm loss, harmful fraction on the harmful side, benign fraction on the harmful side, distill
+    loss) over all nb benign and nh harmful prompts, of which this rank holds xb and xh (ya: the aligned model's
+    states for xh, or None)."""
     lb, sb = [], []
     for idx in _chunks(len(xb), size):
         p, y = pad(xb, kb, idx), pad(yb, kb, idx).x
@@ -187,29 +215,26 @@ def _evaluate(layer, weights, xb, yb, kb, xh, kh, score, margin, ceiling, size, 
         lb.append(benign_loss(out, y, p.mask, p.last, last_weight).item() * len(idx))
         if score is not None:
             sb.append(score(at_last(out, p.last)))
-    if world.size > 1:
-        return _evaluate_shared(layer, weights, xh, kh, score, margin, ceiling, size, world, nb, nh, lb, sb)
-    lb_mean = sum(lb) / len(xb)
-    if score is None:
-        return lb_mean, 0.0, 0.0, 0.0
-    s = torch.cat([_last_scores(layer, weights, pad(xh, kh, idx), score) for idx in _chunks(len(xh), size)])
-    b = torch.cat(sb)
-    probe = float(harm_loss(s, margin).mean() + benign_probe_loss(b, ceiling).mean())
-    return lb_mean, probe, float((s > 0).float().mean()), float((b > 0).float().mean())
-
-
-def _evaluate_shared(layer, weights, xh, kh, score, margin, ceiling, size, world: dist.World,  # noqa: ANN001
-                     nb: int, nh: int, lb: list[float], sb: list[torch.Tensor]) -> tuple[float, float, float, float]:
-    """_evaluate's statistics from every rank's sums (a rank may hold no prompt of a kind)."""
-    if score is None:
-        return dist.sum_floats(world, [sum(lb)], "summing the layer's statistics")[0] / nb, 0.0, 0.0, 0.0
+    la: list[float] = []
+    sh: list[torch.Tensor] = []
+    if score is not None or ya is not None:
+        for idx in _chunks(len(xh), size):
+            p = pad(xh, kh, idx)
+            out = _run(layer, weights, p.x, p.kwargs)
+            if score is not None:
+                sh.append(score(at_last(out, p.last)).cpu())
+            if ya is not None:
+                la.append(distill_loss(out, ya, kh, idx, p, last_weight).item() * len(idx))
     none = torch.zeros(0)
-    s = torch.cat([_last_scores(layer, weights, pad(xh, kh, idx), score).cpu() for idx in _chunks(len(xh), size)]
-                  or [none])
-    b = torch.cat([x.cpu() for x in sb] or [none])
-    t = dist.sum_floats(world, [sum(lb), float(harm_loss(s, margin).sum()), float(benign_probe_loss(b, ceiling).sum()),
-                                float((s > 0).sum()), float((b > 0).sum())], "summing the layer's statistics")
-    return t[0] / nb, t[1] / nh + t[2] / nb, t[3] / nh, t[4] / nb
+    s, b = torch.cat(sh or [none]), torch.cat([x.cpu() for x in sb] or [none])
+    sums = [sum(lb), float(harm_loss(s, margin).sum()), float(benign_probe_loss(b, ceiling).sum()),
+            float((s > 0).sum()), float((b > 0).sum()), sum(la)]
+    if world.size > 1:  # a rank may hold no prompt of a kind: every statistic is a sum over the ranks
+        sums = dist.sum_floats(world, sums, "summing the layer's statistics")
+    t = [float(v) for v in sums]
+    if score is None:
+        return t[0] / nb, 0.0, 0.0, 0.0, t[5] / nh
+    return t[0] / nb, t[1] / nh + t[2] / nb, t[3] / nh, t[4] / nb, t[5] / nh
 
 
 def _last_scores(layer, weights, p: Padded, score) -> torch.Tensor:  # noqa: ANN001
@@ -231,14 +256,15 @@ def realign_layer(layer: torch.nn.Module, targets: list[Target],
                   score: Callable[[torch.Tensor], torch.Tensor] | None, margin: float, ceiling: float,
                   s: RealignSettings, layer_index: int, world: dist.World | None = None,
                   ) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor], LayerStats]:
-    """Optimize one layer. benign = (X_q, Y_fp, kwargs) lists, harmful = (X_q, kwargs) lists.
+    """Optimize one layer. benign = (X_q, Y_fp, kwargs) lists, harmful = (X_q, kwargs) lists, or with a third
+    element, AlignedStates (the distill term's targets; needed when s.distill_weight > 0).
     Returns GGUF-layout packed bytes per tensor, the hard quantized weights (to propagate X_q), and stats.
     world: this rank in a data-parallel job (dist.py); benign and harmful then hold its shard of the prompts
     (dist.shard: global prompt i on rank i % size) and every rank returns the same bytes and stats. None: one process."""
     world = world or dist.single()
     t0 = time.perf_counter()
     xb, yb, kb = benign
-    xh, kh = harmful
+    xh, kh, ya = _harmful(harmful, s)
     nb, nh = dist.shard_total(world, len(xb)), dist.shard_total(world, len(xh))
     base = {t.module: layer.get_submodule(t.module).weight.detach().float() for t in targets}
     learn = {t.module: simulate.init_params(t.qtype, base[t.module], initial_encoding(t, base[t.module]),
@@ -250,8 +276,8 @@ def realign_layer(layer: torch.nn.Module, targets: list[Target],
         p.requires_grad_(False)
 
     ev = s.batch * 2
-    start = _evaluate(layer, _weights(layer, targets, learn, base), xb, yb, kb, xh, kh, score, margin, ceiling,
-                      ev, s.last_weight, world, nb, nh)
+    start = _evaluate(layer, _weights(layer, targets, learn, base), xb, yb, kb, xh, kh, ya, score, margin,
+                      ceiling, ev, s.last_weight, world, nb, nh)
     # auto-round's schedule: linear decay to zero, and keep the best minibatch iterate (the straight-through
     # gradient makes late iterates oscillate between rounding choices)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 - k / max(s.iters, 1))
@@ -260,8 +286,8 @@ def realign_layer(layer: torch.nn.Module, targets: list[Target],
         opt.zero_grad(set_to_none=True)
         w = _weights(layer, targets, learn, base)
         ib = torch.randperm(nb, generator=gen)[: s.batch].tolist()  # the global minibatch, the same on every rank
-        probe_term = score is not None and s.harm_weight > 0
-        ih = torch.randperm(nh, generator=gen)[: s.batch].tolist() if probe_term else []
+        harm_term = (score is not None and s.harm_weight > 0) or ya is not None
+        ih = torch.randperm(nh, generator=gen)[: s.batch].tolist() if harm_term else []
         loss = minibatch_loss(layer, w, benign, harmful, ib, ih, score, margin, ceiling, s, world)
         value = loss.item() if torch.is_tensor(loss) else loss
         if world.size > 1:  # every rank must keep the same iterate: decide on the summed loss
@@ -279,7 +305,7 @@ def realign_layer(layer: torch.nn.Module, targets: list[Target],
 
     with torch.no_grad():
         hard = _weights(layer, targets, learn, base)
-    end = _evaluate(layer, hard, xb, yb, kb, xh, kh, score, margin, ceiling, ev, s.last_weight, world, nb, nh)
+    end = _evaluate(layer, hard, xb, yb, kb, xh, kh, ya, score, margin, ceiling, ev, s.last_weight, world, nb, nh)
     packed: dict[str, np.ndarray] = {}
     for t in targets:
         data = codec.pack(t.qtype, simulate.export(t.qtype, base[t.module], learn[t.module]))
@@ -291,7 +317,7 @@ def realign_layer(layer: torch.nn.Module, targets: list[Target],
     if world.size > 1:  # the ranks go on with these weights: they must all hold the same ones
         dist.check_identical(world, f"the learned blocks of layer {layer_index}", _digest(packed))
     stats = LayerStats(start[0], end[0], start[1], end[1], start[2], end[2], start[3], end[3], score is not None,
-                       time.perf_counter() - t0)
+                       time.perf_counter() - t0, start[4], end[4])
     return packed, {k: v.detach() for k, v in hard.items()}, stats
 
 
@@ -302,24 +328,37 @@ def minibatch_loss(layer: torch.nn.Module, w: dict[str, torch.Tensor], benign: t
     """This rank's part of the loss of the global minibatch ib (benign) / ih (harmful; empty: no probe term), global
     prompt indices: sums over the prompts it owns divided by the global counts, so the ranks' parts (and their
     gradients) add up to the single-process loss. 0.0 on a rank that owns none of them."""
-    (xb, yb, kb), (xh, kh) = benign, harmful
+    (xb, yb, kb), (xh, kh, ya) = benign, _harmful(harmful, s)
     mine_b = dist.local_part(world, ib)
+    mine_h = dist.local_part(world, ih)
+    probe_on = bool(ih) and score is not None
     loss: torch.Tensor | float = 0.0
     if mine_b:
         p = pad(xb, kb, mine_b)
         out = _run(layer, w, p.x, p.kwargs)
         loss = benign_loss(out, pad(yb, kb, mine_b).x, p.mask, p.last, s.last_weight, count=len(ib))
-    if ih and score is not None:
-        mine_h = dist.local_part(world, ih)
+    if mine_h and (probe_on or ya is not None):
+        ph = pad(xh, kh, mine_h)
+        out_h = _run(layer, w, ph.x, ph.kwargs)
+    if probe_on:
         probe: torch.Tensor | float = 0.0
         if mine_h:
-            sc = _last_scores(layer, w, pad(xh, kh, mine_h), score)
-            probe = _mean(harm_loss(sc, margin), len(ih))
+            probe = _mean(harm_loss(score(at_last(out_h, ph.last)), margin), len(ih))
         if mine_b:
-            sb = score(at_last(out, p.last))
-            probe = probe + _mean(benign_probe_loss(sb, ceiling), len(ib))
+            probe = probe + _mean(benign_probe_loss(score(at_last(out, p.last)), ceiling), len(ib))
         loss = loss + s.harm_weight * probe
+    if mine_h and ya is not None:
+        loss = loss + s.distill_weight * distill_loss(out_h, ya, kh, mine_h, ph, s.last_weight, count=len(ih))
     return loss
+
+
+def _harmful(harmful: tuple, s: RealignSettings) -> tuple[list, list, AlignedStates | None]:
+    """(X_q, kwargs, Y_aligned or None): the distill term's targets are used exactly when it is on."""
+    xh, kh, *rest = harmful
+    ya = rest[0] if rest else None
+    if (s.distill_weight > 0) != (ya is not None):
+        raise AssertionError("distill_weight > 0 needs the aligned model's states of the harmful prompts, and only then")
+    return xh, kh, ya
 
 
 def _sum_grads(world: dist.World, groups: list[dict]) -> None:

@@ -24,6 +24,7 @@ class RealignOptions:
     benign_ceiling: float | None = None
     probe_kind: str = "content"  # with aligned: "contrast" fits refusal-state probes against the fine-tuned model
     equalize: bool = False
+    distill_weight: float = 0.0  # harmful prompts' states pulled towards the aligned model's (needs aligned)
     checkpoints: str | Path | None = None  # per-layer checkpoints; None: <output>.realign-ckpt, removed after the write
     offload_dir: str | Path | None = None  # activation streams spilled to files here (large prompt sets); None: memory
 
@@ -35,6 +36,7 @@ class RealignOptions:
                          "--realign-lr": (self.lr, ">0"), "--harm-weight": (self.harm_weight, ">=0"),
                          "--margin": (self.margin, "finite"), "--margin-offset": (self.margin_offset, "finite"),
                          "--benign-last-weight": (self.last_weight, ">=0"),
+                         "--distill-weight": (self.distill_weight, ">=0"),
                          "--benign-ceiling": (self.benign_ceiling, "finite")})
 
     def check_offload_dir(self) -> None:

@@ -21,7 +21,7 @@ from ..errors import InputError
 from ..formats import codec
 from ..progress import Log, as_console
 from ..prompts import load_prompts
-from .calibrate import LayerStats, RealignSettings, Target, propagate, realign_layer
+from .calibrate import AlignedStates, LayerStats, RealignSettings, Target, propagate, realign_layer
 from . import equalize
 from .checkpoint import Checkpoints, PackedLayers, fingerprint, model_files_digest
 from .hidden import check_compatible, model_signature
@@ -192,7 +192,8 @@ def realign_model(finetuned: str | Path, plan, probes: ProbeSet, settings: Reali
                   importance: dict[str, np.ndarray] | None = None, checkpoint_dir: str | Path | None = None,
                   report: Report | None = None, device: str = "cpu",
                   report_equalize: Callable[[int, list], None] | None = None, offload_dir: str | Path | None = None,
-                  source: SourceFactory | None = None, world: dist.World | None = None) -> Mapping[str, np.ndarray]:
+                  source: SourceFactory | None = None, world: dist.World | None = None,
+                  aligned: str | Path | None = None) -> Mapping[str, np.ndarray]:
     """Every decoder layer realigned in turn; only the current layer's weights and activation streams are held
     (offload_dir: the streams live in files there). source: where layers and activations come from (default:
     read layer by layer; the tests pass the whole-model oracle). Returns the packed GGUF bytes per tensor, read
@@ -200,7 +201,9 @@ def realign_model(finetuned: str | Path, plan, probes: ProbeSet, settings: Reali
     world (dist.py): each rank captures, equalizes, calibrates and propagates its shard of the prompts
     (equalize.choose and realign_layer sum what they need) and ends every layer with the same blocks; rank 0 alone
     reads and writes the checkpoints (a resumed layer is sent to the others) and returns the packed bytes, the
-    other ranks an empty mapping (the file is rank 0's to write)."""
+    other ranks an empty mapping (the file is rank 0's to write).
+    aligned: the aligned model, read layer by layer beside the fine-tune when settings.distill_weight > 0 (its own
+    states on the harmful prompts are the distill term's targets)."""
     from transformers import AutoTokenizer
 
     world = world or dist.single()
@@ -209,31 +212,39 @@ def realign_model(finetuned: str | Path, plan, probes: ProbeSet, settings: Reali
     harm = load_prompts(harmful, limit=settings.n_harmful, expect_label=1)
     ben = load_prompts(benign, limit=settings.n_benign, expect_label=0)
     probed = probed_layers(probes, settings.probe_layers)
+    if (settings.distill_weight > 0) != (aligned is not None):
+        raise AssertionError("the distill term needs the aligned model, and only it reads it")
 
     fp = fingerprint({"version": __version__, "model": model_files_digest(finetuned),
                       "probes": [probes.w.sum().item(), probes.b.tolist(), probes.target.tolist(),
                                  probes.target_benign.tolist(), sorted(set(probes.reliable))],
                       "harmful": [p.text for p in harm], "benign": [p.text for p in ben],
                       "settings": asdict(settings), "types": {t.source.name: t.qtype.name for t in plan.tensors},
-                      "importance": sorted(importance)})
+                      "importance": sorted(importance),
+                      **({"aligned": model_files_digest(aligned)} if aligned is not None else {})})
     ckpt = Checkpoints(checkpoint_dir or default_checkpoint_dir(plan), fp) if world.is_main else None
 
     tok = AutoTokenizer.from_pretrained(finetuned)
     ids_b = [chat_ids(tok, p.text, settings.max_tokens, p.system) for p in dist.shard(world, ben)]
     ids_h = [chat_ids(tok, p.text, settings.max_tokens, p.system) for p in dist.shard(world, harm)]
+    skip = shared_prefix([chat_ids(tok, p.text, settings.max_tokens, p.system) for p in harm + ben])
     nb = len(ids_b)
     rows = token_rows(ids_b + ids_h)
     with Store(offload_dir) as store:
         src = (source or LayerwiseSource)(Path(finetuned), plan.family, ids_b + ids_h, nb, rows,
                                           _quantized_embedding(plan, importance, rows, device), store)
-        return _realign_layers(src, store, plan, probes, probed, settings, importance, ckpt, nb, report, device,
-                               report_equalize, world)
+        with Store(offload_dir) as astore:
+            # the aligned model's own forward of the harmful prompts (its embedding, its layers): all full precision
+            asrc = (None if aligned is None else
+                    LayerwiseSource(Path(aligned), None, ids_h, len(ids_h), token_rows(ids_h), None, astore))
+            return _realign_layers(src, store, plan, probes, probed, settings, importance, ckpt, nb, report, device,
+                                   report_equalize, world, asrc, skip)
 
 
 def _realign_layers(src: Activations, store: Store, plan, probes: ProbeSet, probed: frozenset[int],  # noqa: ANN001, PLR0913
                     settings: RealignSettings, importance: dict[str, np.ndarray], ckpt: Checkpoints | None, nb: int,
                     report: Report | None, device: str, report_equalize: Callable[[int, list], None] | None,
-                    world: dist.World) -> Mapping[str, np.ndarray]:
+                    world: dist.World, aligned: Activations | None = None, skip: int = 0) -> Mapping[str, np.ndarray]:
     planned = {t.source.name: t.qtype.name for t in plan.tensors}
     n_heads = int(src.config.num_attention_heads)
     n_kv = int(getattr(src.config, "num_key_value_heads", None) or n_heads)
@@ -242,6 +253,7 @@ def _realign_layers(src: Activations, store: Store, plan, probes: ProbeSet, prob
     for i in range(src.n_layers):
         layer = src.layer(i)
         yb = src.fp_outputs(i, layer)  # with the fine-tuned weights, before equalization or a checkpoint's norms
+        ya = _aligned_outputs(aligned, i)  # advanced on resumed layers too: layer i+1 needs layer i's states
         layer.to(device)
         targets = _targets(plan, i, importance)
         kw = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in d.items()} for d in src.kwargs(i)]
@@ -265,7 +277,9 @@ def _realign_layers(src: Activations, store: Store, plan, probes: ProbeSet, prob
                        else -settings.margin if settings.margin is not None else float(probes.target_benign[i]))
             packed, hard, stats = realign_layer(
                 layer, targets, (xb, on_device(yb[:nb], device), kw[:nb]),
-                (on_device(xq[nb:], device), kw[nb:]), score, margin, ceiling, settings, i,
+                (on_device(xq[nb:], device), kw[nb:],
+                 *([] if ya is None else [AlignedStates(on_device(ya, device), skip)])),
+                score, margin, ceiling, settings, i,
                 **({"world": world} if world.size > 1 else {}))  # a single process: the plain call
             for name in extras:  # an internal invariant: norms and biases are written as F32
                 if planned.get(name) != "F32":
@@ -289,6 +303,27 @@ def _realign_layers(src: Activations, store: Store, plan, probes: ProbeSet, prob
         if report:
             report(i, src.n_layers, stats, resumed)
     return PackedLayers(ckpt, where) if ckpt is not None else {}
+
+
+def shared_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every sequence has in common (the chat template's system part), at most the
+    shortest sequence but one: the last token always counts."""
+    n = min(len(s) for s in seqs) - 1
+    first = seqs[0]
+    k = 0
+    while k < n and all(s[k] == first[k] for s in seqs):
+        k += 1
+    return k
+
+
+def _aligned_outputs(aligned: Activations | None, i: int) -> Sequence[torch.Tensor] | None:
+    """The aligned model's layer-i states of the harmful prompts (its own stream, as yb is the fine-tune's)."""
+    if aligned is None:
+        return None
+    layer = aligned.layer(i)
+    out = aligned.fp_outputs(i, layer)
+    aligned.release(i)
+    return out
 
 
 def _resumable(world: dist.World, ckpt: Checkpoints | None, i: int) -> bool:
@@ -316,7 +351,8 @@ def settings_of(opts: RealignOptions) -> RealignSettings:
     return RealignSettings(iters=opts.iters, harm_weight=opts.harm_weight, margin=opts.margin,
                            last_weight=opts.last_weight, benign_ceiling=opts.benign_ceiling,
                            n_benign=opts.samples, n_harmful=opts.samples, equalize=opts.equalize,
-                           margin_offset=opts.margin_offset, probe_layers=opts.probe_layers, lr=opts.lr)
+                           margin_offset=opts.margin_offset, probe_layers=opts.probe_layers, lr=opts.lr,
+                           distill_weight=opts.distill_weight)
 
 
 def check_finite_weights(plan) -> None:  # noqa: ANN001 - convert.Plan
@@ -331,8 +367,9 @@ def prepare_realign(opts: RealignOptions, finetuned: Path, plan, device: str,  #
     """Validate every realignment input; returns loaded probes (None when they will be fit on opts.aligned).
     ranks: the processes of a data-parallel job, each of which needs at least one prompt of each kind."""
     opts.check_numbers()
-    if opts.aligned is not None and opts.probes is not None:
-        raise InputError("give either --aligned or --probes, not both")
+    if opts.aligned is not None and opts.probes is not None and opts.distill_weight == 0:
+        raise InputError("give either --aligned or --probes, not both (both only with --distill-weight: the probes "
+                         "from the file, the aligned model's states for the distill term)")
     if opts.aligned is None and opts.probes is None:
         raise InputError("realignment needs --aligned (the aligned model) or --probes (a probe file)")
     if opts.samples < 2:
@@ -346,6 +383,9 @@ def prepare_realign(opts: RealignOptions, finetuned: Path, plan, device: str,  #
     if opts.probe_kind == "contrast" and opts.aligned is None:
         raise InputError("--probe-kind contrast fits probes on --aligned and this model; give --aligned (a probe "
                          "file from `qrealign-gguf probe --contrast` already knows its kind)")
+    if opts.distill_weight > 0 and opts.aligned is None:
+        raise InputError(f"--distill-weight {opts.distill_weight} pulls harmful prompts towards the aligned model's "
+                         "states: give --aligned too")
     if opts.equalize and plan.family.arch not in EQUALIZE_ARCHS:
         raise InputError(f"--equalize supports {', '.join(EQUALIZE_ARCHS)} models (plain RMSNorm weights); this one "
                          f"is {plan.family.arch}: convert without --equalize")
@@ -361,7 +401,8 @@ def prepare_realign(opts: RealignOptions, finetuned: Path, plan, device: str,  #
     check_finite_weights(plan)
     if opts.aligned is not None:
         check_compatible(model_signature(opts.aligned), mine, f"aligned model {opts.aligned}", str(finetuned))
-        return None
+        if opts.probes is None:
+            return None
     probes = ProbeSet.load(opts.probes)
     check_compatible(probes.meta, mine, f"probes {opts.probes}", str(finetuned))
     return probes
@@ -393,7 +434,9 @@ def run_realign(opts: RealignOptions, finetuned: Path, plan, probes: ProbeSet | 
         harm = (f"probe loss {s.harm_start:.3f}->{s.harm_end:.3f}, on the harmful side: harmful "
                 f"{s.harmful_side_start:.0%}->{s.harmful_side_end:.0%}, benign {s.benign_side_start:.0%}->"
                 f"{s.benign_side_end:.0%}") if s.probed else "no probe term (unreliable or not in --probe-layers)"
-        say(f"blk.{i} ({i + 1}/{n}) [{tag}]: benign rel. error {s.benign_start:.4f}->{s.benign_end:.4f}; {harm}")
+        distill = (f"; harmful rel. error to the aligned {s.distill_start:.4f}->{s.distill_end:.4f}"
+                   if opts.distill_weight > 0 else "")
+        say(f"blk.{i} ({i + 1}/{n}) [{tag}]: benign rel. error {s.benign_start:.4f}->{s.benign_end:.4f}; {harm}{distill}")
 
     def report_eq(i: int, groups: list[equalize.GroupReport]) -> None:
         parts = [f"{g.name} {g.error_after / g.error_before:.2f}x" if g.error_before > 0 else f"{g.name} -"
@@ -403,7 +446,8 @@ def run_realign(opts: RealignOptions, finetuned: Path, plan, probes: ProbeSet | 
     packed = realign_model(finetuned, plan, probes, settings_of(opts), opts.harmful, opts.benign,
                            importance=importance, checkpoint_dir=opts.checkpoints, report=report,
                            device=resolve_device(device, "torch"), report_equalize=report_eq,
-                           offload_dir=opts.offload_dir, **shared)
+                           offload_dir=opts.offload_dir, **shared,
+                           aligned=opts.aligned if opts.distill_weight > 0 else None)
     provenance = {"realigned": True, "realign_iters": opts.iters, "realign_lr": opts.lr,
                   "realign_harm_weight": opts.harm_weight,
                   "realign_margin": "aligned" if opts.margin is None else opts.margin,
@@ -413,6 +457,7 @@ def run_realign(opts: RealignOptions, finetuned: Path, plan, probes: ProbeSet | 
                   "realign_samples": opts.samples,
                   "realign_probe_kind": probes.meta.get("kind", "content"),
                   "realign_equalize": opts.equalize,
+                  "realign_distill_weight": opts.distill_weight,
                   "realign_probe_layers": ",".join(map(str, sorted(probed_layers(probes, opts.probe_layers))))}
     return packed, provenance
 
