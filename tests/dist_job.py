@@ -118,12 +118,20 @@ GRAD_IB, GRAD_IH = [0, 5, 7, 3, 9], [1, 8, 4]
 
 def step_grads(world: dist.World | None) -> tuple[float, dict[str, np.ndarray]]:
     """The loss of minibatch (GRAD_IB, GRAD_IH) at the start encoding and the gradient of every learnable (summed
-    over the ranks, as realign_layer sums them before Adam)."""
+    over the ranks, as realign_layer sums them before Adam); all three terms on, the distill term towards
+    'aligned' states made by perturbing the harmful outputs, its first 2 positions left out."""
+    from dataclasses import replace
+
     from qrealign_gguf.formats import simulate
-    from qrealign_gguf.realign.calibrate import _sum_grads, _weights, initial_encoding, minibatch_loss
+    from qrealign_gguf.realign.calibrate import AlignedStates, _sum_grads, _weights, initial_encoding, minibatch_loss
 
     layer, targets, (xb, yb, kb), (xh, kh), score, margin, ceiling = problem()
     w = world or dist.single()
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        ya = [(lambda o: o[0] if isinstance(o, tuple) else o)(layer(x, **kw)) for x, kw in zip(xh, kh)]
+        ya = [y + 0.05 * y.std() * torch.randn(y.shape, generator=gen) for y in ya]
+    settings = replace(SETTINGS, distill_weight=0.5)
     base = {t.module: layer.get_submodule(t.module).weight.detach().float() for t in targets}
     learn = {t.module: simulate.init_params(t.qtype, base[t.module], initial_encoding(t, base[t.module]))
              for t in targets}
@@ -131,8 +139,9 @@ def step_grads(world: dist.World | None) -> tuple[float, dict[str, np.ndarray]]:
     for p in layer.parameters():
         p.requires_grad_(False)
     loss = minibatch_loss(layer, _weights(layer, targets, learn, base),
-                          (dist.shard(w, xb), dist.shard(w, yb), dist.shard(w, kb)), (dist.shard(w, xh), dist.shard(w, kh)),
-                          GRAD_IB, GRAD_IH, score, margin, ceiling, SETTINGS, w)
+                          (dist.shard(w, xb), dist.shard(w, yb), dist.shard(w, kb)),
+                          (dist.shard(w, xh), dist.shard(w, kh), AlignedStates(dist.shard(w, ya), skip=2)),
+                          GRAD_IB, GRAD_IH, score, margin, ceiling, settings, w)
     if torch.is_tensor(loss):
         loss.backward()
     _sum_grads(w, groups)
