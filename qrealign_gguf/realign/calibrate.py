@@ -227,19 +227,13 @@ def _evaluate(layer, weights, xb, yb, kb, xh, kh, ya, score, margin, ceiling, si
                 la.append(distill_loss(out, ya, kh, idx, p, last_weight).item() * len(idx))
     none = torch.zeros(0)
     s, b = torch.cat(sh or [none]), torch.cat([x.cpu() for x in sb] or [none])
-    sums = [sum(lb), float(harm_loss(s, margin).sum()), float(benign_probe_loss(b, ceiling).sum()),
-            float((s > 0).sum()), float((b > 0).sum()), sum(la)]
+    t = [sum(lb), float(harm_loss(s, margin).sum()), float(benign_probe_loss(b, ceiling).sum()),
+         float((s > 0).sum()), float((b > 0).sum()), sum(la)]
     if world.size > 1:  # a rank may hold no prompt of a kind: every statistic is a sum over the ranks
-        sums = dist.sum_floats(world, sums, "summing the layer's statistics")
-    t = [float(v) for v in sums]
+        t = dist.sum_floats(world, t, "summing the layer's statistics")
     if score is None:
         return t[0] / nb, 0.0, 0.0, 0.0, t[5] / nh
     return t[0] / nb, t[1] / nh + t[2] / nb, t[3] / nh, t[4] / nb, t[5] / nh
-
-
-def _last_scores(layer, weights, p: Padded, score) -> torch.Tensor:  # noqa: ANN001
-    out = _run(layer, weights, p.x, p.kwargs)
-    return score(at_last(out, p.last))
 
 
 def initial_encoding(t: Target, w: torch.Tensor) -> np.ndarray:

@@ -225,9 +225,9 @@ def realign_model(finetuned: str | Path, plan, probes: ProbeSet, settings: Reali
     ckpt = Checkpoints(checkpoint_dir or default_checkpoint_dir(plan), fp) if world.is_main else None
 
     tok = AutoTokenizer.from_pretrained(finetuned)
-    ids_b = [chat_ids(tok, p.text, settings.max_tokens, p.system) for p in dist.shard(world, ben)]
-    ids_h = [chat_ids(tok, p.text, settings.max_tokens, p.system) for p in dist.shard(world, harm)]
-    skip = shared_prefix([chat_ids(tok, p.text, settings.max_tokens, p.system) for p in harm + ben])
+    all_b, all_h = ([chat_ids(tok, p.text, settings.max_tokens, p.system) for p in ps] for ps in (ben, harm))
+    ids_b, ids_h = dist.shard(world, all_b), dist.shard(world, all_h)
+    skip = shared_prefix(all_h + all_b)  # over every rank's prompts: the same on every rank
     nb = len(ids_b)
     rows = token_rows(ids_b + ids_h)
     with Store(offload_dir) as store:
