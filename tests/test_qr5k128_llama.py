@@ -1,5 +1,5 @@
 """QR5_K128 files end to end: the QR4_K_M / QR5_K_M plans, stock llama.cpp refusing the files, and the patched
-llama.cpp (native/llama_patches 0005/0006) agreeing with our codec and running them.
+llama.cpp (native/llama_patches 0005-0009) agreeing with our codec and running them.
 
 The patched-build tests skip unless that build is cached (`bash tools/build/build_llama.sh patched`) or
 QREALIGN_BUILD_PATCHED=1 asks the test run to build it (see tests/test_custom_llama.py).
@@ -171,6 +171,51 @@ np.savez(sys.argv[3], yq=yq, got=np.array(got, np.float32))
 """
 
 
+# The product through ggml's own graph API (ggml_mul_mat on the CPU backend), so what runs is what llama.cpp runs:
+# with two or more activation columns, 0009's tinyBLAS_QR5_K128_AVX2 (llamafile_sgemm); with one, the vec_dot.
+_GEMM_CHILD = r"""
+import sys
+import numpy as np
+from cffi import FFI
+
+ffi = FFI()
+ffi.cdef('''
+    struct ggml_init_params { size_t mem_size; void * mem_buffer; bool no_alloc; };
+    struct ggml_context; struct ggml_tensor; struct ggml_cgraph;
+    struct ggml_context * ggml_init(struct ggml_init_params params);
+    void ggml_free(struct ggml_context * ctx);
+    struct ggml_tensor * ggml_new_tensor_2d(struct ggml_context * ctx, int type, int64_t ne0, int64_t ne1);
+    struct ggml_tensor * ggml_mul_mat(struct ggml_context * ctx, struct ggml_tensor * a, struct ggml_tensor * b);
+    struct ggml_cgraph * ggml_new_graph(struct ggml_context * ctx);
+    void ggml_build_forward_expand(struct ggml_cgraph * cgraph, struct ggml_tensor * tensor);
+    void * ggml_get_data(const struct ggml_tensor * tensor);
+    int ggml_graph_compute_with_ctx(struct ggml_context * ctx, struct ggml_cgraph * cgraph, int n_threads);
+    void ggml_cpu_init(void);
+    void quantize_row_q8_1(const float * x, void * y, int64_t k);
+''')
+base = ffi.dlopen(sys.argv[1] + "/libggml-base.so")
+cpu = ffi.dlopen(sys.argv[1] + "/libggml-cpu.so")
+cpu.ggml_cpu_init()
+d = np.load(sys.argv[2])
+w, x, threads = np.ascontiguousarray(d["w"]), np.ascontiguousarray(d["x"], dtype=np.float32), int(d["threads"])
+m, (cols, n) = w.shape[0], x.shape
+ctx = base.ggml_init({"mem_size": 64 << 20, "mem_buffer": ffi.NULL, "no_alloc": False})
+a = base.ggml_new_tensor_2d(ctx, 241, n, m)  # GGML_TYPE_QR5_K128: m rows of n weights
+b = base.ggml_new_tensor_2d(ctx, 0, n, cols)  # GGML_TYPE_F32: cols activation columns
+ffi.memmove(base.ggml_get_data(a), w.tobytes(), w.nbytes)
+ffi.memmove(base.ggml_get_data(b), x.tobytes(), x.nbytes)
+c = base.ggml_mul_mat(ctx, a, b)
+gf = base.ggml_new_graph(ctx)
+base.ggml_build_forward_expand(gf, c)
+assert cpu.ggml_graph_compute_with_ctx(ctx, gf, threads) == 0
+out = np.frombuffer(ffi.buffer(base.ggml_get_data(c), 4 * m * cols), np.float32).reshape(cols, m).copy()
+yq = np.zeros((cols, n // 32 * 36), np.uint8)  # block_q8_1 of each column, as ggml made them (per block)
+for j in range(cols):
+    cpu.quantize_row_q8_1(ffi.cast("float *", x[j].ctypes.data), ffi.cast("void *", yq[j].ctypes.data), n)
+base.ggml_free(ctx)
+np.savez(sys.argv[3], c=out, yq=yq)
+"""
+
 def _dot_terms(xq: np.ndarray, yq: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The kernels' decomposition of the dot, per 32-weight sub-block j, in float64 (exact: every factor is an fp16
     value or a small integer): the scale term A_j = d*sc_j*d8_j * sum(q*q8), its bound |d*sc_j*d8_j| * sum(q*|q8|),
@@ -273,6 +318,31 @@ def test_cpu_dot_kernels_match_exact_dot(patched, tmp_path) -> None:  # noqa: F8
         for bug, v in _wrong_kernels(xq, out["yq"], n).items():  # the same check, on llama.cpp's Q8_1 blocks
             assert _dot_error(v, *terms) > 1, (trial, bug)
 
+
+def test_cpu_gemm_matches_exact_dot(patched, tmp_path) -> None:  # noqa: F811
+    """ggml_mul_mat of a QR5_K128 matrix by 1-8 activation columns on 1 and 2 threads: every entry against the
+    exact dot of its row and llama.cpp's Q8_1 blocks of its column, within the float32 rounding bound. 13 rows and
+    these column counts reach every tile shape of 0009's gemm (4x4 down to 1x1, with remainders) and both threads'
+    shares; one column is the vec_dot. Checked by breaking the kernel three ways (min term dropped, the qh bit of
+    the wrong sub-block, one sub-block's dy for all four): each failed every gemm entry."""
+    import sys
+
+    rng = np.random.default_rng(3)
+    n, m = 896, 13
+    for cols in (1, 2, 3, 5, 8):
+        for threads in (1, 2):
+            w = codec.quantize((rng.standard_t(3, (m, n)) * 0.05).astype(np.float32), T)
+            x = rng.standard_normal((cols, n)).astype(np.float32) * np.float32(10.0 ** (cols % 3 - 1))
+            np.savez(tmp_path / "in.npz", w=w, x=x, threads=threads)
+            r = subprocess.run([sys.executable, "-c", _GEMM_CHILD, str(patched.lib_dir), str(tmp_path / "in.npz"),
+                                str(tmp_path / "out.npz")], env=patched.env(), capture_output=True, text=True,
+                               timeout=120)
+            assert r.returncode == 0, r.stderr[-2000:]
+            out = np.load(tmp_path / "out.npz")
+            for j in range(cols):
+                for i in range(m):
+                    terms = _dot_terms(w[i:i + 1], out["yq"][j], n)
+                    assert _dot_error(float(out["c"][j, i]), *terms) <= 1, (cols, threads, j, i)
 
 def test_patched_llama_runs_and_matches_reference(patched, k128_file, tiny, tmp_path) -> None:  # noqa: F811
     """Patched llama.cpp on the QR4_K_M file (QR5_K128 in every layer matrix and token_embd) vs an HF float32
