@@ -105,9 +105,9 @@ def test_margin_offset_moves_every_layers_target(tiny, planted, tmp_path, monkey
     seen: list[tuple[float, float]] = []
     real = pipeline.realign_layer
 
-    def spy(layer, targets, benign, harmful, score, margin, ceiling, s, i):
+    def spy(layer, targets, benign, harmful, score, margin, ceiling, s, i, **kw):
         seen.append((margin, ceiling))
-        return real(layer, targets, benign, harmful, score, margin, ceiling, s, i)
+        return real(layer, targets, benign, harmful, score, margin, ceiling, s, i, **kw)
 
     monkeypatch.setattr(pipeline, "realign_layer", spy)
     plan = make_plan(tiny, tmp_path / "o.gguf", "Q4_0")
@@ -124,9 +124,9 @@ def test_probe_layers_limit_the_probe_term(tiny, planted, tmp_path, monkeypatch)
     probed: list[bool] = []
     real = pipeline.realign_layer
 
-    def spy(layer, targets, benign, harmful, score, margin, ceiling, s, i):
+    def spy(layer, targets, benign, harmful, score, margin, ceiling, s, i, **kw):
         probed.append(score is not None)
-        return real(layer, targets, benign, harmful, score, margin, ceiling, s, i)
+        return real(layer, targets, benign, harmful, score, margin, ceiling, s, i, **kw)
 
     monkeypatch.setattr(pipeline, "realign_layer", spy)
     plan = make_plan(tiny, tmp_path / "o.gguf", "Q4_0")

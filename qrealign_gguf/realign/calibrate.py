@@ -52,6 +52,7 @@ from torch.nn.functional import relu
 from .. import dist
 from ..formats import codec, simulate
 from ..formats.types import QType
+from .packing import pack, unpack
 
 
 @dataclass(frozen=True)
@@ -198,20 +199,32 @@ def pad(xs: list[torch.Tensor], kwargs: list[dict], idx: list[int]) -> Padded:
     return Padded(x, mask, last, kwargs[idx[lens.index(t)]])
 
 
+def forward(layer: torch.nn.Module, weights: dict[str, torch.Tensor], xs: list[torch.Tensor], kwargs: list[dict],
+            idx: list[int], prefix: int = 0) -> tuple[Padded, torch.Tensor]:
+    """The layer on prompts idx of xs: their right-padded layout (mask, last) and the (B, T, H) output in it. Run
+    packed (packing.py: the first `prefix` tokens, the same in every prompt, once; no padding) when the layer's
+    kwargs allow it, else as the padded batch."""
+    p = pad(xs, kwargs, idx)
+    pk = pack(xs, kwargs, idx, prefix)
+    if pk is None:
+        return p, _run(layer, weights, p.x, p.kwargs)
+    return p, unpack(_run(layer, weights, pk.x, pk.kwargs), pk)
+
+
 def _chunks(n: int, size: int) -> list[list[int]]:
     return [list(range(i, min(n, i + size))) for i in range(0, n, size)]
 
 
 @torch.no_grad()
 def _evaluate(layer, weights, xb, yb, kb, xh, kh, ya, score, margin, ceiling, size,  # noqa: ANN001
-              last_weight, world: dist.World, nb: int, nh: int) -> tuple[float, float, float, float, float]:
+              last_weight, world: dist.World, nb: int, nh: int, prefix: int = 0) -> tuple[float, float, float, float, float]:
     """(benign loss, harm loss, harmful fraction on the harmful side, benign fraction on the harmful side, distill
     loss) over all nb benign and nh harmful prompts, of which this rank holds xb and xh (ya: the aligned model's
     states for xh, or None)."""
     lb, sb = [], []
     for idx in _chunks(len(xb), size):
-        p, y = pad(xb, kb, idx), pad(yb, kb, idx).x
-        out = _run(layer, weights, p.x, p.kwargs)
+        p, out = forward(layer, weights, xb, kb, idx, prefix)
+        y = pad(yb, kb, idx).x
         lb.append(benign_loss(out, y, p.mask, p.last, last_weight).item() * len(idx))
         if score is not None:
             sb.append(score(at_last(out, p.last)))
@@ -219,8 +232,7 @@ def _evaluate(layer, weights, xb, yb, kb, xh, kh, ya, score, margin, ceiling, si
     sh: list[torch.Tensor] = []
     if score is not None or ya is not None:
         for idx in _chunks(len(xh), size):
-            p = pad(xh, kh, idx)
-            out = _run(layer, weights, p.x, p.kwargs)
+            p, out = forward(layer, weights, xh, kh, idx, prefix)
             if score is not None:
                 sh.append(score(at_last(out, p.last)).cpu())
             if ya is not None:
@@ -248,13 +260,14 @@ def initial_encoding(t: Target, w: torch.Tensor) -> np.ndarray:
 def realign_layer(layer: torch.nn.Module, targets: list[Target],
                   benign: tuple[list, list, list], harmful: tuple[list, list],
                   score: Callable[[torch.Tensor], torch.Tensor] | None, margin: float, ceiling: float,
-                  s: RealignSettings, layer_index: int, world: dist.World | None = None,
+                  s: RealignSettings, layer_index: int, world: dist.World | None = None, prefix: int = 0,
                   ) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor], LayerStats]:
     """Optimize one layer. benign = (X_q, Y_fp, kwargs) lists, harmful = (X_q, kwargs) lists, or with a third
     element, AlignedStates (the distill term's targets; needed when s.distill_weight > 0).
     Returns GGUF-layout packed bytes per tensor, the hard quantized weights (to propagate X_q), and stats.
     world: this rank in a data-parallel job (dist.py); benign and harmful then hold its shard of the prompts
-    (dist.shard: global prompt i on rank i % size) and every rank returns the same bytes and stats. None: one process."""
+    (dist.shard: global prompt i on rank i % size) and every rank returns the same bytes and stats. None: one process.
+    prefix: how many leading tokens every prompt shares (the chat template's system part): computed once per batch."""
     world = world or dist.single()
     t0 = time.perf_counter()
     xb, yb, kb = benign
@@ -271,7 +284,7 @@ def realign_layer(layer: torch.nn.Module, targets: list[Target],
 
     ev = s.batch * 2
     start = _evaluate(layer, _weights(layer, targets, learn, base), xb, yb, kb, xh, kh, ya, score, margin,
-                      ceiling, ev, s.last_weight, world, nb, nh)
+                      ceiling, ev, s.last_weight, world, nb, nh, prefix)
     # auto-round's schedule: linear decay to zero, and keep the best minibatch iterate (the straight-through
     # gradient makes late iterates oscillate between rounding choices)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 - k / max(s.iters, 1))
@@ -282,7 +295,7 @@ def realign_layer(layer: torch.nn.Module, targets: list[Target],
         ib = torch.randperm(nb, generator=gen)[: s.batch].tolist()  # the global minibatch, the same on every rank
         harm_term = (score is not None and s.harm_weight > 0) or ya is not None
         ih = torch.randperm(nh, generator=gen)[: s.batch].tolist() if harm_term else []
-        loss = minibatch_loss(layer, w, benign, harmful, ib, ih, score, margin, ceiling, s, world)
+        loss = minibatch_loss(layer, w, benign, harmful, ib, ih, score, margin, ceiling, s, world, prefix)
         value = loss.item() if torch.is_tensor(loss) else loss
         if world.size > 1:  # every rank must keep the same iterate: decide on the summed loss
             value = dist.sum_floats(world, [value], "summing the loss")[0]
@@ -299,7 +312,8 @@ def realign_layer(layer: torch.nn.Module, targets: list[Target],
 
     with torch.no_grad():
         hard = _weights(layer, targets, learn, base)
-    end = _evaluate(layer, hard, xb, yb, kb, xh, kh, ya, score, margin, ceiling, ev, s.last_weight, world, nb, nh)
+    end = _evaluate(layer, hard, xb, yb, kb, xh, kh, ya, score, margin, ceiling, ev, s.last_weight, world, nb, nh,
+                    prefix)
     packed: dict[str, np.ndarray] = {}
     for t in targets:
         data = codec.pack(t.qtype, simulate.export(t.qtype, base[t.module], learn[t.module]))
@@ -318,7 +332,7 @@ def realign_layer(layer: torch.nn.Module, targets: list[Target],
 def minibatch_loss(layer: torch.nn.Module, w: dict[str, torch.Tensor], benign: tuple[list, list, list],
                    harmful: tuple[list, list], ib: list[int], ih: list[int],
                    score: Callable[[torch.Tensor], torch.Tensor] | None, margin: float, ceiling: float,
-                   s: RealignSettings, world: dist.World) -> torch.Tensor | float:
+                   s: RealignSettings, world: dist.World, prefix: int = 0) -> torch.Tensor | float:
     """This rank's part of the loss of the global minibatch ib (benign) / ih (harmful; empty: no probe term), global
     prompt indices: sums over the prompts it owns divided by the global counts, so the ranks' parts (and their
     gradients) add up to the single-process loss. 0.0 on a rank that owns none of them."""
@@ -328,12 +342,10 @@ def minibatch_loss(layer: torch.nn.Module, w: dict[str, torch.Tensor], benign: t
     probe_on = bool(ih) and score is not None
     loss: torch.Tensor | float = 0.0
     if mine_b:
-        p = pad(xb, kb, mine_b)
-        out = _run(layer, w, p.x, p.kwargs)
+        p, out = forward(layer, w, xb, kb, mine_b, prefix)
         loss = benign_loss(out, pad(yb, kb, mine_b).x, p.mask, p.last, s.last_weight, count=len(ib))
     if mine_h and (probe_on or ya is not None):
-        ph = pad(xh, kh, mine_h)
-        out_h = _run(layer, w, ph.x, ph.kwargs)
+        ph, out_h = forward(layer, w, xh, kh, mine_h, prefix)
     if probe_on:
         probe: torch.Tensor | float = 0.0
         if mine_h:
@@ -378,12 +390,11 @@ def _digest(packed: dict[str, np.ndarray]) -> bytes:
 
 @torch.no_grad()
 def propagate(layer: torch.nn.Module, hard: dict[str, torch.Tensor], xs: list[torch.Tensor],
-              kwargs: list[dict], size: int = 16) -> list[torch.Tensor]:
+              kwargs: list[dict], size: int = 16, prefix: int = 0) -> list[torch.Tensor]:
     """The next layer's quantized-prefix inputs: this layer run with its final (stored) weights. Per prompt, so a
     rank propagates its own shard and nothing is exchanged."""
     out: list[torch.Tensor] = []
     for idx in _chunks(len(xs), size):
-        p = pad(xs, kwargs, idx)
-        y = _run(layer, hard, p.x, p.kwargs)
+        p, y = forward(layer, hard, xs, kwargs, idx, prefix)
         out += [y[j : j + 1, : int(p.last[j]) + 1].clone() for j in range(len(idx))]
     return out

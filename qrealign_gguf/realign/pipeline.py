@@ -279,7 +279,7 @@ def _realign_layers(src: Activations, store: Store, plan, probes: ProbeSet, prob
                 layer, targets, (xb, on_device(yb[:nb], device), kw[:nb]),
                 (on_device(xq[nb:], device), kw[nb:],
                  *([] if ya is None else [AlignedStates(on_device(ya, device), skip)])),
-                score, margin, ceiling, settings, i,
+                score, margin, ceiling, settings, i, prefix=skip,
                 **({"world": world} if world.size > 1 else {}))  # a single process: the plain call
             for name in extras:  # an internal invariant: norms and biases are written as F32
                 if planned.get(name) != "F32":
@@ -293,7 +293,7 @@ def _realign_layers(src: Activations, store: Store, plan, probes: ProbeSet, prob
         nxt = store.stream(f"xq{i + 1}")
         for k in range(0, len(xq), PROPAGATE_CHUNK):  # the chunks propagate() makes of the whole list
             part = on_device(xq[k : k + PROPAGATE_CHUNK], device)
-            for y in propagate(layer, hard, part, kw[k : k + PROPAGATE_CHUNK], size=PROPAGATE_CHUNK):
+            for y in propagate(layer, hard, part, kw[k : k + PROPAGATE_CHUNK], size=PROPAGATE_CHUNK, prefix=skip):
                 nxt.append(y.cpu())
         if isinstance(xq, Stream):
             xq.drop()
