@@ -58,6 +58,8 @@ def main() -> None:
     ap.add_argument("--extra", default="", help="more convert options, the same for every tree")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
+    for k in ("model", "probes", "imatrix", "out"):  # each tree runs in its own directory
+        setattr(a, k, getattr(a, k).resolve())
     rows = []
     for k, tree in enumerate(a.tree or [ROOT]):
         out = a.out / f"tree{k}"
