@@ -8,7 +8,7 @@ NATIVE_SRC := $(wildcard native/*.c native/*.h native/*.py native/*.cu)
 DEMO_TYPE ?= Q4_K_M
 PYTEST_ARGS ?=
 
-.PHONY: all install llama llama-patched models demo test fuzz bench bench-types cuda-check testbed experiment clean
+.PHONY: all install llama llama-patched models demo test fuzz bench bench-types bench-realign cuda-check testbed experiment clean
 
 all: install llama
 
@@ -117,6 +117,14 @@ experiment: testbed
 	$(VPY) -m tools.testbed.realign_experiment --aligned $(TESTBED)/aligned-offgrid --finetuned $(TESTBED)/finetuned \
 		--out $(EXP_DIR) --probes $(EXP_DIR)/contrast.safetensors \
 		--realign-args "--imatrix $(EXP_DIR)/finetuned.imatrix.gguf --equalize"
+
+# wall time and peak RSS of one whole realigning convert (the README recipe on the testbed; run on an idle machine).
+# BEFORE=<another checkout> times that tree first, in the same run (docs/BENCHMARKS.md "Packed calibration batches")
+bench-realign: install
+	@test -f $(EXP_DIR)/contrast.safetensors -a -f $(EXP_DIR)/finetuned.imatrix.gguf || \
+		{ echo "bench-realign needs the probes and imatrix of 'make experiment' in $(EXP_DIR)"; exit 2; }
+	$(VPY) -m tools.bench.bench_realign --model $(TESTBED)/finetuned --probes $(EXP_DIR)/contrast.safetensors \
+		--imatrix $(EXP_DIR)/finetuned.imatrix.gguf $(if $(BEFORE),--tree $(BEFORE)) --tree . --json out/bench_realign.json
 
 clean:
 	rm -rf build *.egg-info qrealign_gguf/_native* qrealign_gguf/_cuda .pytest_cache $(VENV)/.cuda
