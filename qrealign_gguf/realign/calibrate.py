@@ -22,7 +22,8 @@ t_l / u_l are the median probe scores of the aligned model's own harmful / benig
 (ProbeSet.target / target_benign); a fixed --margin m sets t_l = m, u_l = -m; --margin-offset adds to t_l. layer_q runs the layer with every linear weight replaced by simulate.fake_quant:
 the exact value the GGUF block format will store, differentiable in per-weight rounding offsets and
 per-block scale/min changes (the role of learnable weight clipping). Adam on those, then export + pack
-gives the bytes to write. Prompts of one kind run as one right-padded batch (see Padded).
+gives the bytes to write. Prompts of one kind run as one packed sequence (packing.py; see forward), their
+losses read in the right-padded layout (Padded).
 The relative benign error makes harm_weight mean the same thing in shallow and deep layers.
 
 L_a (distill_weight > 0, which needs the aligned model) exists because a probe is one direction read at the last
