@@ -182,21 +182,24 @@ def _run(layer: torch.nn.Module, weights: dict[str, torch.Tensor], x: torch.Tens
 class Padded:
     """Prompts of one kind, right-padded into one batch. Causal attention never lets a real token see the
     padding that follows it, so the longest prompt's layer kwargs (rotary tables, causal mask) serve all."""
-    x: torch.Tensor  # (B, T, H)
+    x: torch.Tensor | None  # (B, T, H); None when only the layout was asked for (the batch ran packed)
     mask: torch.Tensor  # (B, T) True on real tokens
     last: torch.Tensor  # (B,) index of each prompt's last token
     kwargs: dict
 
 
-def pad(xs: list[torch.Tensor], kwargs: list[dict], idx: list[int]) -> Padded:
+def pad(xs: list[torch.Tensor], kwargs: list[dict], idx: list[int], fill: bool = True) -> Padded:
+    """Prompts idx of xs right-padded; fill=False: the layout only (mask, last, kwargs), no (B, T, H) copy."""
     lens = [xs[i].shape[1] for i in idx]
     t = max(lens)
-    x = xs[idx[0]].new_zeros(len(idx), t, xs[idx[0]].shape[2])
-    mask = torch.zeros(len(idx), t, dtype=torch.bool, device=x.device)
+    dev = xs[idx[0]].device
+    x = xs[idx[0]].new_zeros(len(idx), t, xs[idx[0]].shape[2]) if fill else None
+    mask = torch.zeros(len(idx), t, dtype=torch.bool, device=dev)
     for j, i in enumerate(idx):
-        x[j, : lens[j]] = xs[i][0]
+        if x is not None:
+            x[j, : lens[j]] = xs[i][0]
         mask[j, : lens[j]] = True
-    last = torch.tensor(lens, device=x.device) - 1
+    last = torch.tensor(lens, device=dev) - 1
     return Padded(x, mask, last, kwargs[idx[lens.index(t)]])
 
 
@@ -205,8 +208,8 @@ def forward(layer: torch.nn.Module, weights: dict[str, torch.Tensor], xs: list[t
     """The layer on prompts idx of xs: their right-padded layout (mask, last) and the (B, T, H) output in it. Run
     packed (packing.py: the first `prefix` tokens, the same in every prompt, once; no padding) when the layer's
     kwargs allow it, else as the padded batch."""
-    p = pad(xs, kwargs, idx)
     pk = pack(xs, kwargs, idx, prefix)
+    p = pad(xs, kwargs, idx, fill=pk is None)
     if pk is None:
         return p, _run(layer, weights, p.x, p.kwargs)
     return p, unpack(_run(layer, weights, pk.x, pk.kwargs), pk)

@@ -59,9 +59,8 @@ def main() -> None:
     a = ap.parse_args()
     src = model_dir(a.model)
     a.out.mkdir(parents=True, exist_ok=True)
-    builds = {"after": find_llama("patched")} if a.before else {"": find_llama("patched")}
-    if a.before:
-        builds = {"before": LlamaBuild(a.before, "patched"), **builds}
+    current = find_llama("patched")
+    builds = {"before": LlamaBuild(a.before, "patched"), "after": current} if a.before else {"": current}
     files, sizes, rows = {}, {}, {}
     for t in a.types.split(","):
         f = a.out / f"{src.name}-{t}.gguf"

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -29,9 +30,8 @@ from tools import ROOT
 def run(tree: Path, a: argparse.Namespace, out: Path) -> dict:
     gguf = out / "realigned-Q4_K_M.gguf"
     ckpt = out / "ckpt"
-    for f in (gguf, ckpt):
-        if f.exists():
-            subprocess.run(["rm", "-rf", str(f)], check=True)
+    gguf.unlink(missing_ok=True)
+    shutil.rmtree(ckpt, ignore_errors=True)
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "qrealign_gguf", "convert", str(a.model), "--outtype",
            "Q4_K_M", "--probes", str(a.probes), "--imatrix", str(a.imatrix), "--equalize", "-o", str(gguf),
            "--checkpoints", str(ckpt), *a.extra.split()]
